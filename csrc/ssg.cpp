@@ -1,0 +1,217 @@
+// Op schemas, argument checks and the dispatch to the CPU / CUDA kernels.
+#include "ssg.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+namespace metaf2n {
+
+#ifdef METAF2N_WITH_CUDA
+namespace cuda {
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p);
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& w);
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+}  // namespace cuda
+#endif
+
+GraphParams make_params(int64_t search, int64_t patch, double h, std::string_view padding) {
+  TORCH_CHECK_VALUE(search >= 1 && search % 2 == 1, "search must be a positive odd window size, got ", search);
+  TORCH_CHECK_VALUE(patch >= 1 && patch % 2 == 1, "patch must be a positive odd patch size, got ", patch);
+  TORCH_CHECK_VALUE(std::isfinite(h) && h > 0, "h must be a finite number > 0, got ", h);
+  Padding mode;
+  if (padding == "image") {
+    mode = Padding::Image;
+  } else if (padding == "window") {
+    mode = Padding::Window;
+  } else {
+    TORCH_CHECK_VALUE(false, "padding must be \"image\" or \"window\", got \"", std::string(padding), "\"");
+  }
+  return GraphParams{search, patch, h, mode};
+}
+
+LossWeights make_weights(double kl_weight, double l1_weight) {
+  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "kl_weight must be finite, got ", kl_weight);
+  TORCH_CHECK_VALUE(std::isfinite(l1_weight), "l1_weight must be finite, got ", l1_weight);
+  return LossWeights{kl_weight, l1_weight};
+}
+
+void check_image(const at::Tensor& image, const char* name, const GraphParams& p) {
+  TORCH_CHECK_VALUE(image.dim() == 4, name, " must be a (B, C, H, W) tensor, got shape ", image.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()),
+                   name, " must be a floating tensor (float32, float64, float16 or bfloat16), got ",
+                   image.scalar_type());
+  TORCH_CHECK_VALUE(image.device().is_cpu() || image.device().is_cuda(),
+                    name, " must be on a CPU or CUDA device, got ", image.device());
+  TORCH_CHECK_VALUE(image.size(1) >= 1, name, " must have at least one channel, got shape ", image.sizes());
+  const int64_t pad = p.pad();
+  TORCH_CHECK_VALUE(image.size(2) > pad && image.size(3) > pad, name, " of size ", image.size(2), "x",
+                    image.size(3), " is smaller than the window: padding \"",
+                    p.padding == Padding::Image ? "image" : "window", "\" with search ", p.search, " and patch ",
+                    p.patch, " reflect-pads by ", pad, ", so height and width must exceed ", pad);
+}
+
+void check_same_image(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name,
+                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ",
+                    a.device(), " and ", b.device());
+}
+
+void check_positions(const at::Tensor& positions, const at::Tensor& image) {
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
+                   "positions must be an int64 or int32 tensor, got ", positions.scalar_type());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(1) == 3,
+                    "positions must have shape (N, 3) with rows (b, y, x), got ", positions.sizes());
+  TORCH_CHECK_VALUE(positions.device() == image.device(), "positions must be on the image's device ",
+                    image.device(), ", got ", positions.device());
+  if (positions.device().is_cpu() && positions.size(0) > 0) {
+    const at::Tensor pos = positions.to(at::kLong);
+    const int64_t limits[3] = {image.size(0), image.size(2), image.size(3)};
+    const char* names[3] = {"batch index", "y", "x"};
+    for (int d = 0; d < 3; ++d) {
+      const at::Tensor column = pos.select(1, d);
+      const int64_t lo = column.min().item<int64_t>();
+      const int64_t hi = column.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < limits[d], "positions column ", d, " (", names[d], ") must lie in [0, ",
+                        limits[d], "), got values in [", lo, ", ", hi, "]");
+    }
+  }
+}
+
+void check_rows(const at::Tensor& rows, const char* name, const at::Tensor& positions, const GraphParams& p,
+                const at::Tensor& image) {
+  TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == positions.size(0) && rows.size(1) == p.K(), name,
+                    " must have shape (", positions.size(0), ", ", p.K(), "), got ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.device() == image.device(), name, " must be on the image's device ", image.device(),
+                    ", got ", rows.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(rows.scalar_type()), name, " must be floating, got ", rows.scalar_type());
+}
+
+namespace {
+
+std::string_view view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
+
+// Half and bfloat16 images are computed in float32 on the CPU; CUDA kernels read them natively.
+at::Tensor cpu_compute_input(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? t.to(at::kFloat) : t;
+}
+
+at::Tensor similarity_graph(const at::Tensor& image, const at::Tensor& positions, int64_t search, int64_t patch,
+                            double h, c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, h, view(padding));
+  check_image(image, "image", p);
+  check_positions(positions, image);
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+#ifdef METAF2N_WITH_CUDA
+  if (image.is_cuda()) return cuda::graph_forward(image, pos, p);
+#endif
+  return cpu::graph_forward(cpu_compute_input(image), pos, p).to(image.scalar_type());
+}
+
+at::Tensor similarity_graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                                     const at::Tensor& positions, int64_t search, int64_t patch, double h,
+                                     c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, h, view(padding));
+  check_image(image, "image", p);
+  check_positions(positions, image);
+  check_rows(grad_rows, "grad_rows", positions, p, image);
+  check_rows(rows, "rows", positions, p, image);
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+#ifdef METAF2N_WITH_CUDA
+  if (image.is_cuda()) return cuda::graph_backward(grad_rows, rows, image, pos, p);
+#endif
+  const at::Tensor x = cpu_compute_input(image);
+  return cpu::graph_backward(grad_rows.to(x.scalar_type()), rows.to(x.scalar_type()), x, pos, p)
+      .to(image.scalar_type());
+}
+
+at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
+                    int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, h, view(padding));
+  const LossWeights w = make_weights(kl_weight, l1_weight);
+  check_image(sr, "sr", p);
+  check_same_image(sr, "sr", hr, "hr");
+  check_positions(positions, sr);
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+#ifdef METAF2N_WITH_CUDA
+  if (sr.is_cuda()) return cuda::loss_forward(sr, hr, pos, p, w);
+#endif
+  return cpu::loss_forward(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
+}
+
+at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                             const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl_weight,
+                             double l1_weight, c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, h, view(padding));
+  const LossWeights w = make_weights(kl_weight, l1_weight);
+  check_image(sr, "sr", p);
+  check_same_image(sr, "sr", hr, "hr");
+  check_positions(positions, sr);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got shape ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == sr.device(), "grad must be on sr's device ", sr.device(), ", got ",
+                    grad.device());
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+#ifdef METAF2N_WITH_CUDA
+  if (sr.is_cuda()) return cuda::loss_backward(grad, sr, hr, pos, p, w);
+#endif
+  const at::Tensor x = cpu_compute_input(sr);
+  return cpu::loss_backward(grad.to(x.scalar_type()), x, cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
+}
+
+bool has_cuda_kernels() {
+#ifdef METAF2N_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(metaf2n, m) {
+  m.def("similarity_graph(Tensor image, Tensor positions, int search, int patch, float h, str padding) -> Tensor");
+  m.def(
+      "similarity_graph_backward(Tensor grad_rows, Tensor rows, Tensor image, Tensor positions, int search, "
+      "int patch, float h, str padding) -> Tensor");
+  m.def(
+      "ssl_loss(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl_weight, "
+      "float l1_weight, str padding) -> Tensor");
+  m.def(
+      "ssl_loss_backward(Tensor grad, Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
+      "float kl_weight, float l1_weight, str padding) -> Tensor");
+  m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+}
+
+TORCH_LIBRARY_IMPL(metaf2n, CPU, m) {
+  m.impl("similarity_graph", &similarity_graph);
+  m.impl("similarity_graph_backward", &similarity_graph_backward);
+  m.impl("ssl_loss", &ssl_loss);
+  m.impl("ssl_loss_backward", &ssl_loss_backward);
+}
+
+#ifdef METAF2N_WITH_CUDA
+TORCH_LIBRARY_IMPL(metaf2n, CUDA, m) {
+  m.impl("similarity_graph", &similarity_graph);
+  m.impl("similarity_graph_backward", &similarity_graph_backward);
+  m.impl("ssl_loss", &ssl_loss);
+  m.impl("ssl_loss_backward", &ssl_loss_backward);
+}
+#endif
+
+}  // namespace metaf2n
+
+// `import metaf2n._C` loads this library, whose static initialisers register the ops above.
+#include <Python.h>
+static struct PyModuleDef metaf2n_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&metaf2n_module); }

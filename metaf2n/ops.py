@@ -1,0 +1,123 @@
+"""Typed wrappers around the compiled ``torch.ops.metaf2n`` operators.
+
+Loading this module loads ``metaf2n._C`` (whose C++ static initialisers register the schemas and the CPU / CUDA
+kernels) and adds what the dispatcher needs from Python: fake (meta) kernels for ``torch.compile`` and
+``torch.library.opcheck``, the autograd formulas, and the autocast rule (run in float32).
+
+Positions are ``(N, 3)`` integer rows ``(b, y, x)``; graphs have ``K = search ** 2`` columns ordered row-major over
+the offsets ``(dy, dx)`` in ``[-s, s] ** 2``. The maths is stated in DESIGN.md and implemented independently in
+:mod:`metaf2n.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.metaf2n.*)
+
+__all__ = ["has_cuda_kernels", "similarity_graph", "ssl_loss"]
+
+PADDINGS = ("image", "window")
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of the extension contains the CUDA kernels."""
+    return bool(torch.ops.metaf2n.has_cuda_kernels())
+
+
+def similarity_graph(
+    image: torch.Tensor,
+    positions: torch.Tensor,
+    search: int = 25,
+    patch: int = 9,
+    h: float = 0.004,
+    padding: str = "image",
+) -> torch.Tensor:
+    """Normalised self-similarity rows of ``image`` (B, C, H, W) at ``positions`` (N, 3): returns (N, search**2)."""
+    return torch.ops.metaf2n.similarity_graph(image, positions, search, patch, h, padding)
+
+
+def ssl_loss(
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    positions: torch.Tensor,
+    search: int = 25,
+    patch: int = 9,
+    h: float = 0.004,
+    kl_weight: float = 1000.0,
+    l1_weight: float = 1000.0,
+    padding: str = "image",
+) -> torch.Tensor:
+    """Fused ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|`` averaged over N x K; a scalar."""
+    return torch.ops.metaf2n.ssl_loss(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding)
+
+
+# --- fake kernels: shapes and dtypes only ---------------------------------------------------------------------
+
+
+@torch.library.register_fake("metaf2n::similarity_graph")
+def _similarity_graph_fake(image, positions, search, patch, h, padding):
+    torch._check(positions.dim() == 2 and positions.shape[1] == 3)
+    return image.new_empty((positions.shape[0], search * search))
+
+
+@torch.library.register_fake("metaf2n::similarity_graph_backward")
+def _similarity_graph_backward_fake(grad_rows, rows, image, positions, search, patch, h, padding):
+    return torch.empty_like(image, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("metaf2n::ssl_loss")
+def _ssl_loss_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+    return sr.new_empty(())
+
+
+@torch.library.register_fake("metaf2n::ssl_loss_backward")
+def _ssl_loss_backward_fake(grad, sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+    return torch.empty_like(sr, memory_format=torch.contiguous_format)
+
+
+# --- autograd -------------------------------------------------------------------------------------------------
+
+
+def _graph_setup_context(ctx, inputs, output):
+    image, positions, search, patch, h, padding = inputs
+    ctx.save_for_backward(image, positions, output)
+    ctx.params = (search, patch, h, padding)
+
+
+def _graph_backward(ctx, grad_rows):
+    image, positions, rows = ctx.saved_tensors
+    grad_image = None
+    if ctx.needs_input_grad[0]:
+        grad_image = torch.ops.metaf2n.similarity_graph_backward(grad_rows, rows, image, positions, *ctx.params)
+    return grad_image, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "metaf2n::similarity_graph", _graph_backward, setup_context=_graph_setup_context
+)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding = inputs
+    ctx.save_for_backward(sr, hr, positions)
+    ctx.params = (search, patch, h, kl_weight, l1_weight, padding)
+
+
+def _loss_backward(ctx, grad):
+    sr, hr, positions = ctx.saved_tensors
+    grad_sr = None
+    if ctx.needs_input_grad[0]:
+        grad_sr = torch.ops.metaf2n.ssl_loss_backward(grad, sr, hr, positions, *ctx.params)
+    # hr is the target: it never receives a gradient.
+    return grad_sr, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("metaf2n::ssl_loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+# --- autocast: the maths needs float32 (h = 0.004 amplifies distance errors 250-fold) -------------------------
+
+for _op in ("metaf2n::similarity_graph", "metaf2n::ssl_loss"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)
