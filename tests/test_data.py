@@ -1,0 +1,312 @@
+"""Image folders, face restorers, the task sampler and the embedded demo set."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from metaf2n.data import (
+    BackgroundFolder,
+    FaceFolder,
+    GroundTruthRestorer,
+    ImageFolder,
+    TaskConfig,
+    TaskSampler,
+    TorchScriptRestorer,
+    build_demo_set,
+    default_cache_dir,
+    list_images,
+    read_image,
+    texture_score,
+)
+from metaf2n.data.demo import detect_faces
+from metaf2n.data.images import crop_or_pad
+
+SMALL = TaskConfig(
+    face_patches=3,
+    background_patches=2,
+    face_patch_size=32,
+    background_patch_size=32,
+    face_size=64,
+    background_crop_size=64,
+)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def save_rgb(path, array):
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def textured(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3))
+
+
+def horizontal_ramp(h, w):
+    """Dark on the left, bright on the right: tells mirrored patches from plain ones."""
+    ramp = np.linspace(10, 245, w)[None, :, None]
+    return np.broadcast_to(ramp, (h, w, 3)).round()
+
+
+@pytest.fixture
+def folders(tmp_path):
+    faces, backgrounds = tmp_path / "faces", tmp_path / "backgrounds"
+    (faces / "nested").mkdir(parents=True)
+    backgrounds.mkdir()
+    save_rgb(faces / "a.png", textured(96, 96, 0))
+    save_rgb(faces / "nested" / "b.JPG", textured(80, 80, 1))
+    Image.fromarray(textured(70, 70, 2).astype(np.uint8)).save(faces / "c.webp")
+    (faces / "notes.txt").write_text("not an image")
+    save_rgb(backgrounds / "ramp1.png", horizontal_ramp(90, 120))
+    save_rgb(backgrounds / "ramp2.jpeg", horizontal_ramp(150, 100))
+    return faces, backgrounds
+
+
+@pytest.fixture(scope="module")
+def demo_dirs(tmp_path_factory):
+    return build_demo_set(tmp_path_factory.mktemp("cache") / "demo")
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def test_list_and_read_images(folders):
+    faces, _ = folders
+    names = [p.relative_to(faces).as_posix() for p in list_images(faces)]
+    assert names == ["a.png", "c.webp", "nested/b.JPG"]
+    image = read_image(faces / "a.png")
+    assert image.shape == (3, 96, 96) and image.dtype == torch.float32
+    assert torch.equal(image * 255, torch.from_numpy(textured(96, 96, 0)).permute(2, 0, 1).float())
+    with pytest.raises(ValueError, match="existing directory"):
+        list_images(faces / "missing")
+
+
+def test_corrupt_files_are_skipped_with_one_warning_each(folders, caplog):
+    faces, _ = folders
+    (faces / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (faces / "empty.jpg").write_bytes(b"")
+    folder = FaceFolder(faces, face_size=48)
+    assert len(folder) == 5
+    with caplog.at_level(logging.WARNING, logger="metaf2n.data.images"):
+        draws = [folder.draw(gen(i)) for i in range(40)]
+    assert all(d.shape == (3, 48, 48) and 0 <= d.min() and d.max() <= 1 for d in draws)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert sum("broken.png" in m for m in messages) == 1 and sum("empty.jpg" in m for m in messages) == 1
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no .png/.jpg/.jpeg/.webp images"):
+        ImageFolder(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    folder = ImageFolder(tmp_path)
+    with pytest.raises(RuntimeError, match="none of the 1 images"):
+        folder.draw(gen())
+
+
+def test_crop_or_pad_sizes_and_content():
+    g = gen(3)
+    big = torch.rand(3, 50, 70, generator=g)
+    crop = crop_or_pad(big, 40, g)
+    windows = big.unfold(1, 40, 1).unfold(2, 40, 1)  # (3, 11, 31, 40, 40)
+    assert any(torch.equal(windows[:, i, j], crop) for i in range(11) for j in range(31))
+    padded = crop_or_pad(torch.rand(3, 30, 45, generator=g), 40, g)  # reflect-padded (30 > 40 / 2)
+    upscaled = crop_or_pad(torch.rand(3, 12, 60, generator=g), 40, g)  # too small to reflect: upscaled
+    assert padded.shape == upscaled.shape == (3, 40, 40)
+    ramp = torch.linspace(0, 1, 30).view(1, 30, 1).expand(3, 30, 45)
+    column = crop_or_pad(ramp, 40, g)[0, :, 0]
+    assert column.argmax() < 39  # the bottom rows are a reflection, so the ramp turns back
+
+
+def test_background_folder_crops(folders):
+    _, backgrounds = folders
+    folder = BackgroundFolder(backgrounds, crop_size=64)
+    crops = [folder.draw(gen(i)) for i in range(4)]
+    assert all(c.shape == (3, 64, 64) for c in crops)
+
+
+# ----------------------------------------------------------------------------- restorers
+
+
+class Invert(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 - x
+
+
+class Double(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class Shrink(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., ::2, ::2]
+
+
+def scripted(module, tmp_path, name):
+    path = tmp_path / f"{name}.pt"
+    torch.jit.script(module).save(str(path))
+    return path
+
+
+def test_torchscript_restorer(tmp_path):
+    x = torch.rand(2, 3, 16, 16, generator=gen())
+    assert torch.allclose(TorchScriptRestorer(scripted(Invert(), tmp_path, "inv"))(x), 1 - x)
+    doubled = TorchScriptRestorer(scripted(Double(), tmp_path, "double"))(x)
+    assert torch.allclose(doubled, (2 * x).clamp(0, 1)) and doubled.max() == 1
+    # value_range (-1, 1): the module sees v = 2x - 1 and returns 1 - v = 2 - 2x, read back as (3 - 2x) / 2
+    symmetric = TorchScriptRestorer(scripted(Invert(), tmp_path, "inv2"), value_range=(-1.0, 1.0))
+    assert torch.allclose(symmetric(x), (1.5 - x).clamp(0, 1))
+    with pytest.raises(ValueError, match="output must have shape"):
+        TorchScriptRestorer(scripted(Shrink(), tmp_path, "shrink"))(x)
+    with pytest.raises(ValueError, match="value_range"):
+        TorchScriptRestorer(scripted(Invert(), tmp_path, "inv3"), value_range=(1.0, 0.0))
+
+
+def test_ground_truth_restorer_needs_gt():
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.equal(GroundTruthRestorer()(torch.zeros_like(x), gt=x), x)
+    with pytest.raises(ValueError, match="needs gt"):
+        GroundTruthRestorer()(x)
+
+
+# ----------------------------------------------------------------------------- task sampler
+
+
+def test_task_batch_shapes_ranges_and_determinism(folders):
+    faces, backgrounds = folders
+    sampler = TaskSampler(faces, backgrounds, config=SMALL)
+    batch = sampler.sample(2, gen(5))
+    expected = {
+        "face_lr": (2, 3, 3, 8, 8),
+        "face_pseudo": (2, 3, 3, 32, 32),
+        "face_gt": (2, 3, 3, 32, 32),
+        "bg_lr": (2, 2, 3, 8, 8),
+        "bg_hr_usm": (2, 2, 3, 32, 32),
+        "bg_hr": (2, 2, 3, 32, 32),
+    }
+    for name, shape in expected.items():
+        value = getattr(batch, name)
+        assert value.shape == shape, name
+        assert value.dtype == torch.float32 and value.min() >= 0 and value.max() <= 1, name
+    assert batch.num_tasks == 2 and len(batch.degradations) == 2
+    for lr in (batch.face_lr, batch.bg_lr):
+        assert torch.equal(lr * 255, (lr * 255).round())
+    assert torch.equal(batch.face_pseudo, batch.face_gt)  # default restorer: ground truth
+    assert not torch.equal(batch.bg_hr_usm, batch.bg_hr)
+
+    again = sampler.sample(2, gen(5))
+    other = sampler.sample(2, gen(6))
+    for name in expected:
+        assert torch.equal(getattr(batch, name), getattr(again, name)), name
+    assert not torch.equal(batch.face_lr, other.face_lr)
+    assert batch.degradations[0].describe() == again.degradations[0].describe()
+
+
+def test_patches_are_aligned_and_flipped_jointly(folders):
+    _, backgrounds = folders
+    sampler = TaskSampler(backgrounds, backgrounds, config=SMALL)  # ramps as faces too
+    batch = sampler.sample(4, gen(1))
+    orientations = []
+    for lr, hr, usm in zip(batch.bg_lr.flatten(0, 1), batch.bg_hr.flatten(0, 1), batch.bg_hr_usm.flatten(0, 1)):
+        hr_slope = (hr[..., -1] - hr[..., 0]).mean()
+        assert torch.sign(hr_slope) == torch.sign((lr[..., -1] - lr[..., 0]).mean())
+        assert torch.sign(hr_slope) == torch.sign((usm[..., -1] - usm[..., 0]).mean())
+        orientations.append(hr_slope > 0)
+    for lr, gt in zip(batch.face_lr.flatten(0, 1), batch.face_gt.flatten(0, 1)):
+        assert torch.sign((gt[..., -1] - gt[..., 0]).mean()) == torch.sign((lr[..., -1] - lr[..., 0]).mean())
+        orientations.append((gt[..., -1] - gt[..., 0]).mean() > 0)
+    assert 0 < sum(orientations) < len(orientations)  # both plain and mirrored patches occur
+
+
+def test_pseudo_labels_come_from_the_restorer_on_the_upsampled_lr_face(folders, tmp_path):
+    faces, backgrounds = folders
+    restorer = TorchScriptRestorer(scripted(Invert(), tmp_path, "inv"))
+    config = TaskConfig(**{**SMALL.__dict__, "hflip": False})
+    batch = TaskSampler(faces, backgrounds, restorer=restorer, config=config).sample(1, gen(2))
+    for lr, pseudo in zip(batch.face_lr[0], batch.face_pseudo[0]):
+        upsampled = F.interpolate(lr[None], scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)[0]
+        # cropping and bicubic upsampling commute away from the patch border (kernel reach: 2 LR pixels)
+        assert torch.allclose(pseudo[:, 8:-8, 8:-8], 1 - upsampled[:, 8:-8, 8:-8], atol=1e-5)
+    # a plain callable works as a restorer too
+    plain = TaskSampler(faces, backgrounds, restorer=lambda x: 1 - x, config=config).sample(1, gen(2))
+    assert torch.allclose(plain.face_pseudo, batch.face_pseudo, atol=1e-6)
+
+
+def test_texture_criterion_prefers_textured_patches(tmp_path):
+    faces, backgrounds = tmp_path / "faces", tmp_path / "backgrounds"
+    faces.mkdir()
+    backgrounds.mkdir()
+    half = np.full((64, 64, 3), 128)
+    half[:, 48:] = textured(64, 16, 0)  # only the right quarter is textured
+    save_rgb(faces / "half.png", half)
+    save_rgb(backgrounds / "bg.png", textured(64, 64, 1))
+    assert texture_score(torch.full((3, 16, 16), 0.5)) < -20
+    assert texture_score(torch.rand(3, 16, 16, generator=gen())) > -6
+
+    def textured_fraction(tries):
+        config = TaskConfig(**{**SMALL.__dict__, "face_patch_size": 16, "face_patches": 8, "texture_tries": tries})
+        batch = TaskSampler(faces, backgrounds, config=config).sample(3, gen(4))
+        return np.mean([texture_score(p) >= -6 for p in batch.face_pseudo.flatten(0, 1)])
+
+    # 4 of 13 crop positions reach the textured quarter: ~0.31 with one try, ~0.89 with six
+    assert textured_fraction(6) >= 0.75
+    assert textured_fraction(1) <= 0.5
+
+
+def test_task_config_and_sampler_validation(folders):
+    with pytest.raises(ValueError, match="face_patch_size"):
+        TaskConfig(face_patch_size=30)
+    with pytest.raises(ValueError, match="background_patch_size must be <="):
+        TaskConfig(background_patch_size=512)
+    sampler = TaskSampler(*folders, config=SMALL)
+    with pytest.raises(ValueError, match="num_tasks"):
+        sampler.sample(0, gen())
+    with pytest.raises(TypeError, match="generator"):
+        sampler.sample(1, 0)
+    with pytest.raises(TypeError, match="restorer"):
+        TaskSampler(*folders, restorer=3, config=SMALL)
+
+
+# ----------------------------------------------------------------------------- demo set
+
+
+def test_demo_set_builds_offline_with_a_detected_face(demo_dirs):
+    faces_dir, backgrounds_dir = demo_dirs
+    faces, backgrounds = list_images(faces_dir), list_images(backgrounds_dir)
+    assert len(faces) >= 4 and len(backgrounds) >= 4
+    for path in faces:
+        with Image.open(path) as img:
+            assert img.size == (256, 256) and img.mode == "RGB"
+    with Image.open(faces[0]) as img:
+        assert len(detect_faces(np.asarray(img))) >= 1
+    cache = faces_dir.parent
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no staging directory left behind
+
+
+def test_demo_set_is_cached_and_deterministic(demo_dirs, tmp_path):
+    faces_dir, _ = demo_dirs
+    stamp = {p: p.stat().st_mtime_ns for p in list_images(faces_dir)}
+    assert build_demo_set(faces_dir.parent) == demo_dirs
+    assert {p: p.stat().st_mtime_ns for p in list_images(faces_dir)} == stamp
+    rebuilt_faces, _ = build_demo_set(tmp_path / "second")
+    for a, b in zip(list_images(faces_dir), list_images(rebuilt_faces)):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("METAF2N_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "demo"
+    monkeypatch.delenv("METAF2N_CACHE")
+    assert default_cache_dir().parts[-3:] == (".cache", "metaf2n", "demo")
+
+
+def test_sampler_defaults_to_the_demo_set(demo_dirs):
+    sampler = TaskSampler(config=SMALL, demo_cache_dir=demo_dirs[0].parent)
+    batch = sampler.sample(1, gen(0))
+    assert batch.face_gt.shape == (1, 3, 3, 32, 32) and batch.bg_hr.shape == (1, 2, 3, 32, 32)

@@ -1,0 +1,332 @@
+"""Blur kernels, the second-order degradation pipeline and USM sharpening."""
+
+import math
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from scipy import special
+
+from metaf2n import kernels
+from metaf2n.degrade import (
+    REAL_ESRGAN_X4PLUS,
+    DegradationConfig,
+    DegradationParams,
+    NoiseParams,
+    StageParams,
+    add_noise,
+    apply_degradation,
+    filter2d,
+    jpeg_compress,
+    sample_degradation,
+    usm_sharpen,
+)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def smooth_images(batch=2, size=64, seed=0):
+    """Smooth colourful test images in [0, 1]: low-frequency noise upsampled."""
+    low = torch.rand(batch, 3, size // 8, size // 8, generator=gen(seed))
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def identity_params(quality=100, noise=NoiseParams()):
+    """A pipeline with no blur, no intermediate rescaling and no sinc filter."""
+    stage = StageParams(kernel=None, kernel_type="none", resize_scale=1.0, resize_mode="area", noise=noise, jpeg_quality=quality)
+    return DegradationParams(
+        first=stage, second=stage, final_resize_mode="area", sinc_kernel=None, jpeg_last=True, noise_seed=0
+    )
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kernels.gaussian_kernel(21, 2.0),
+        lambda: kernels.gaussian_kernel(15, 0.5, 2.5, 0.7),
+        lambda: kernels.generalized_gaussian_kernel(13, 1.5, 3.0, -1.0, beta=0.6),
+        lambda: kernels.plateau_kernel(7, 1.0, 2.0, 2.0, beta=1.7),
+        lambda: kernels.sinc_kernel(11, math.pi / 4),
+    ],
+)
+def test_kernels_are_normalised_odd_squares(make):
+    k = make()
+    assert k.dtype == torch.float32 and k.dim() == 2 and k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
+    assert abs(k.sum().item() - 1) < 1e-5
+    assert torch.allclose(k, k.flip(0, 1), atol=1e-7)  # point-symmetric: correlation == convolution
+
+
+def test_gaussian_kernel_matches_closed_form_and_orientation():
+    size, sx, sy, theta = 9, 1.2, 2.5, 0.4
+    k = kernels.gaussian_kernel(size, sx, sy, theta).double()
+    axis = np.arange(size) - size // 2
+    xx, yy = np.meshgrid(axis, axis)  # xx varies along columns
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    cov_inv = np.linalg.inv(rot @ np.diag([sx**2, sy**2]) @ rot.T)
+    grid = np.stack([xx, yy], -1)
+    ref = np.exp(-0.5 * np.einsum("...i,ij,...j->...", grid, cov_inv, grid))
+    assert np.allclose(k.numpy(), ref / ref.sum(), atol=1e-7)
+    # sigma_x is the spread along image columns (x); rotating by 90 degrees swaps the axes.
+    wide = kernels.gaussian_kernel(21, 3.0, 1.0, 0.0)
+    assert wide[10, 13] > wide[13, 10]
+    assert torch.allclose(kernels.gaussian_kernel(21, 3.0, 1.0, math.pi / 2), kernels.gaussian_kernel(21, 1.0, 3.0), atol=1e-7)
+
+
+def test_generalized_and_plateau_shapes():
+    gauss = kernels.gaussian_kernel(15, 1.7, 2.2, 0.3)
+    assert torch.allclose(kernels.generalized_gaussian_kernel(15, 1.7, 2.2, 0.3, beta=1.0), gauss, atol=1e-7)
+    heavy = kernels.generalized_gaussian_kernel(15, 1.7, beta=0.5)
+    flat = kernels.generalized_gaussian_kernel(15, 1.7, beta=4.0)
+    assert heavy[7, 0] > gauss[7, 0] > flat[7, 0]  # beta < 1: heavier tails; beta > 1: flatter top
+    plateau = kernels.plateau_kernel(15, 2.0, beta=2.0).double()
+    q = (np.arange(15) - 7) ** 2 / 4.0  # along the centre row, y = 0
+    ref_row = 1 / (1 + q**2)
+    assert np.allclose((plateau[7] / plateau[7, 7]).numpy(), ref_row, atol=1e-6)
+
+
+def test_sinc_kernel_matches_bessel_formula():
+    size, cutoff = 13, math.pi / 3
+    axis = np.arange(size) - size // 2
+    r = np.hypot(*np.meshgrid(axis, axis))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = cutoff * special.j1(cutoff * r) / (2 * np.pi * r)
+    ref[size // 2, size // 2] = cutoff**2 / (4 * np.pi)
+    assert np.allclose(kernels.sinc_kernel(size, cutoff).numpy(), ref / ref.sum(), atol=1e-7)
+    assert kernels.sinc_kernel(21, math.pi / 5).min() < 0  # ringing lobes
+
+
+def test_kernel_arguments_are_validated():
+    with pytest.raises(ValueError, match="odd"):
+        kernels.gaussian_kernel(8, 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        kernels.plateau_kernel(7, 1.0, beta=0)
+    with pytest.raises(ValueError, match="cutoff"):
+        kernels.sinc_kernel(7, 4.0)
+    with pytest.raises(ValueError, match="kernel type"):
+        kernels.random_mixed_kernel(gen(), 7, ["box"], [1.0], (1, 2), (0.5, 4), (1, 2))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_default_config_is_the_official_x4plus_options():
+    # options/train_realesrgan_x4plus.yml and RealESRGANDataset of xinntao/Real-ESRGAN
+    c = REAL_ESRGAN_X4PLUS
+    assert c.scale == 4 and c.kernel_sizes == tuple(range(7, 22, 2))
+    assert c.kernel_types == ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    assert c.kernel_probs == c.kernel_probs2 == (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    assert (c.sinc_prob, c.blur_sigma, c.betag_range, c.betap_range) == (0.1, (0.2, 3), (0.5, 4), (1, 2))
+    assert (c.sinc_prob2, c.blur_sigma2, c.betag_range2, c.betap_range2) == (0.1, (0.2, 1.5), (0.5, 4), (1, 2))
+    assert c.final_sinc_prob == 0.8 and c.second_blur_prob == 0.8
+    assert (c.resize_prob, c.resize_range, c.gaussian_noise_prob, c.noise_range) == (
+        (0.2, 0.7, 0.1), (0.15, 1.5), 0.5, (1, 30))
+    assert (c.poisson_scale_range, c.gray_noise_prob, c.jpeg_range) == ((0.05, 3), 0.4, (30, 95))
+    assert (c.resize_prob2, c.resize_range2, c.gaussian_noise_prob2, c.noise_range2) == (
+        (0.3, 0.4, 0.3), (0.3, 1.2), 0.5, (1, 25))
+    assert (c.poisson_scale_range2, c.gray_noise_prob2, c.jpeg_range2) == ((0.05, 2.5), 0.4, (30, 95))
+
+
+def test_sampled_parameters_follow_official_ranges():
+    g = gen(1)
+    draws = [sample_degradation(g) for _ in range(200)]
+    sizes = set()
+    for p in draws:
+        for stage, sigma in ((p.first, (0.2, 3.0)), (p.second, (0.2, 1.5))):
+            if stage.kernel is not None:
+                k = stage.kernel.shape[-1]
+                sizes.add(k)
+                assert stage.kernel.shape == (k, k) and k in range(7, 22, 2)
+                assert abs(stage.kernel.sum().item() - 1) < 1e-5
+                assert stage.kernel_type in kernels.KERNEL_TYPES + ("sinc",)
+            assert 30 <= stage.jpeg_quality <= 95
+            assert stage.resize_mode in ("area", "bilinear", "bicubic")
+            assert stage.noise.kind in ("gaussian", "poisson")
+        assert 0.15 <= p.first.resize_scale <= 1.5 and 0.3 <= p.second.resize_scale <= 1.2
+        levels = {"gaussian": (1, 30), "poisson": (0.05, 3)}[p.first.noise.kind]
+        assert levels[0] <= p.first.noise.level <= levels[1]
+        levels = {"gaussian": (1, 25), "poisson": (0.05, 2.5)}[p.second.noise.kind]
+        assert levels[0] <= p.second.noise.level <= levels[1]
+        if p.sinc_kernel is not None:
+            assert p.sinc_kernel.shape[-1] in range(7, 22, 2)
+    assert sizes == set(range(7, 22, 2))
+    # probabilities: second blur 0.8, final sinc 0.8, order 0.5, first-stage "down" 0.7
+    assert 0.7 < np.mean([p.second.kernel is not None for p in draws]) < 0.9
+    assert 0.7 < np.mean([p.sinc_kernel is not None for p in draws]) < 0.9
+    assert 0.38 < np.mean([p.jpeg_last for p in draws]) < 0.62
+    assert 0.6 < np.mean([p.first.resize_scale < 1 for p in draws]) < 0.8
+    assert 0.02 < np.mean([p.first.kernel_type == "sinc" for p in draws]) < 0.2
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    a, b, c = sample_degradation(gen(7)), sample_degradation(gen(7)), sample_degradation(gen(8))
+    assert a.describe() == b.describe() and torch.equal(a.first.kernel, b.first.kernel)
+    assert a.noise_seed == b.noise_seed != c.noise_seed
+
+
+def test_config_and_argument_validation():
+    with pytest.raises(ValueError, match="resize_modes"):
+        DegradationConfig(resize_modes=("nearest",))
+    with pytest.raises(ValueError, match="jpeg_range"):
+        DegradationConfig(jpeg_range=(0, 95))
+    with pytest.raises(TypeError, match="generator"):
+        sample_degradation(0)
+    params = sample_degradation(gen())
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        apply_degradation(params, torch.rand(3, 32, 32))
+    with pytest.raises(TypeError, match="floating-point"):
+        apply_degradation(params, torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_output_size_range_and_8bit_values(seed):
+    params = sample_degradation(gen(seed))
+    faces, backgrounds = smooth_images(2, 64, seed), smooth_images(1, 128, seed)
+    for images in (faces, backgrounds, smooth_images(1, 96)[..., :48]):
+        lr = apply_degradation(params, images, gen(seed))
+        assert lr.shape == (images.shape[0], 3, images.shape[2] // 4, images.shape[3] // 4)
+        assert lr.dtype == images.dtype and lr.min() >= 0 and lr.max() <= 1
+        assert torch.equal(lr * 255, (lr * 255).round())
+
+
+def test_same_seed_same_output_and_noise_differs_per_image():
+    params = sample_degradation(gen(3))
+    params = replace(params, first=replace(params.first, noise=NoiseParams("gaussian", 20.0, False)))
+    twins = smooth_images(1, 64).repeat(2, 1, 1, 1)
+    a = apply_degradation(params, twins, gen(11))
+    b = apply_degradation(params, twins, gen(11))
+    c = apply_degradation(params, twins, gen(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # each image gets its own noise realisation
+    assert torch.equal(apply_degradation(params, twins), apply_degradation(params, twins))  # noise_seed
+
+
+def test_without_noise_identical_inputs_give_identical_outputs():
+    for seed in range(4):
+        params = sample_degradation(gen(seed)).without_noise()
+        twins = smooth_images(1, 64, seed).repeat(3, 1, 1, 1)
+        lr = apply_degradation(params, twins, gen(seed))
+        assert torch.equal(lr[0], lr[1]) and torch.equal(lr[0], lr[2])
+        assert torch.equal(lr, apply_degradation(params, twins, gen(seed + 100)))
+
+
+def test_identity_pipeline_is_a_plain_downscale():
+    # grey images: no chroma for JPEG's 4:2:0 subsampling to lose at quality 100
+    images = smooth_images(2, 64)[:, :1].expand(2, 3, 64, 64)
+    lr = apply_degradation(identity_params(quality=100), images)
+    expected = torch.nn.functional.interpolate(images, size=(16, 16), mode="area")
+    assert (lr - expected).abs().max() < 4 / 255
+
+
+def test_blur_and_jpeg_quality_degrade_progressively():
+    images = smooth_images(2, 64, seed=5)
+    reference = torch.nn.functional.interpolate(images, size=(16, 16), mode="area")
+    sharp = apply_degradation(identity_params(quality=95), images)
+    strong = identity_params(quality=30)
+    strong = replace(strong, first=replace(strong.first, kernel=kernels.gaussian_kernel(21, 3.0)))
+    blurred = apply_degradation(strong, images)
+    assert (sharp - reference).abs().mean() < (blurred - reference).abs().mean()
+
+
+def test_filter2d_impulse_response_and_identity():
+    image = torch.zeros(1, 3, 15, 15)
+    image[..., 7, 7] = 1
+    k = kernels.gaussian_kernel(7, 1.0, 2.0, 0.5)
+    out = filter2d(image, k)
+    assert torch.allclose(out[0, 1, 4:11, 4:11], k, atol=1e-7)
+    delta = torch.zeros(5, 5)
+    delta[2, 2] = 1
+    rand = torch.rand(2, 3, 9, 9, generator=gen())
+    assert torch.allclose(filter2d(rand, delta), rand)
+    tiny = torch.rand(1, 3, 4, 4, generator=gen())
+    assert filter2d(tiny, kernels.gaussian_kernel(21, 2.0)).shape == tiny.shape  # replicate fallback
+
+
+def test_gaussian_noise_statistics_and_gray_noise():
+    grey = torch.full((2, 3, 64, 64), 0.5)
+    noisy = add_noise(grey, NoiseParams("gaussian", 10.0, gray=False), gen())
+    assert abs((noisy - grey).std().item() * 255 - 10) < 0.5
+    assert not torch.equal(noisy[:, 0], noisy[:, 1])
+    mono = add_noise(grey, NoiseParams("gaussian", 10.0, gray=True), gen())
+    assert torch.equal(mono[:, 0], mono[:, 1]) and torch.equal(mono[:, 1], mono[:, 2])
+    assert not torch.equal(mono[0], mono[1])
+
+
+def test_poisson_noise_statistics_and_gray_noise():
+    # every 8-bit level present -> 256 "photons" per unit intensity, as in BasicSR
+    levels = (torch.arange(3 * 128 * 128) % 256)[torch.randperm(3 * 128 * 128, generator=gen())]
+    image = levels.float().view(1, 3, 128, 128) / 255
+    residual = add_noise(image, NoiseParams("poisson", 1.0, gray=False), gen()) - image
+    mid = (image > 0.3) & (image < 0.7)
+    # the variance of Poisson(256 x) / 256 is x / 256
+    assert abs(residual[mid].var().item() / (image[mid].mean().item() / 256) - 1) < 0.1
+    assert abs(residual[mid].mean().item()) < 2e-3
+
+    mono = add_noise(image, NoiseParams("poisson", 2.0, gray=True), gen()) - image
+    unclipped = ((image + mono) > 0) & ((image + mono) < 1)
+    both = unclipped[:, 0] & unclipped[:, 1]
+    assert both.float().mean() > 0.5
+    assert torch.allclose(mono[:, 0][both], mono[:, 1][both], atol=1e-6)
+
+
+def test_jpeg_round_trip_is_8bit_and_quality_matters():
+    images = smooth_images(2, 64, seed=2) * 0.8 + 0.1 * torch.rand(2, 3, 64, 64, generator=gen())
+    high, low = jpeg_compress(images, 95), jpeg_compress(images, 30)
+    assert high.shape == images.shape and torch.equal(high * 255, (high * 255).round())
+    assert (high - images).abs().mean() < (low - images).abs().mean()
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_compress(images, 0)
+
+
+# ----------------------------------------------------------------------------- USM
+
+
+def reference_usm(img: np.ndarray, weight=0.5, radius=50, threshold=10) -> np.ndarray:
+    """USM with OpenCV's Gaussian blur (HWC float32), written from the published description."""
+    size = radius + 1 if radius % 2 == 0 else radius
+    blur = cv2.GaussianBlur(img, (size, size), 0)
+    residual = img - blur
+    mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
+    soft = cv2.GaussianBlur(mask, (size, size), 0)
+    sharp = np.clip(img + weight * residual, 0, 1)
+    return soft * sharp + (1 - soft) * img
+
+
+def test_usm_matches_opencv_reference():
+    img = smooth_images(1, 96, seed=4)
+    img[..., 40:60, 30:70] = 0.9  # add hard edges
+    ours = usm_sharpen(img)[0].permute(1, 2, 0).numpy()
+    ref = reference_usm(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()))
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_usm_behaviour():
+    flat = torch.full((1, 3, 64, 64), 0.4)
+    assert torch.allclose(usm_sharpen(flat), flat, atol=1e-6)
+    step = torch.full((1, 3, 64, 64), 0.3)
+    step[..., 32:] = 0.7
+    sharp = usm_sharpen(step)
+    assert sharp.shape == step.shape and sharp.min() >= 0 and sharp.max() <= 1
+    assert sharp[0, 0, 5, 30] < 0.3 and sharp[0, 0, 5, 33] > 0.7  # overshoot on both sides of the edge
+    assert torch.allclose(usm_sharpen(step, weight=0.0), step, atol=1e-6)
+    assert torch.equal(usm_sharpen(step, threshold=255), step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_degradation_on_gpu_matches_cpu_without_noise():
+    params = sample_degradation(gen(4)).without_noise()
+    images = smooth_images(2, 64)
+    cpu = apply_degradation(params, images)
+    gpu = apply_degradation(params, images.cuda())
+    assert gpu.is_cuda
+    assert (gpu.cpu() - cpu).abs().max() <= 2 / 255  # JPEG input may round differently by one level
