@@ -24,7 +24,8 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
 
 GraphParams make_params(int64_t search, int64_t patch, double h, std::string_view padding) {
   TORCH_CHECK_VALUE(search >= 1 && search % 2 == 1, "search must be a positive odd window size, got ", search);
-  TORCH_CHECK_VALUE(patch >= 1 && patch % 2 == 1, "patch must be a positive odd patch size, got ", patch);
+  TORCH_CHECK_VALUE(patch >= 1 && patch % 2 == 1 && patch <= 31, "patch must be an odd patch size in [1, 31], got ",
+                    patch);
   TORCH_CHECK_VALUE(std::isfinite(h) && h > 0, "h must be a finite number > 0, got ", h);
   Padding mode;
   if (padding == "image") {

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -23,7 +24,11 @@ namespace metaf2n::cpu {
 
 namespace kernels {
 
+// Offsets are processed kLanes at a time in one vector (GCC/Clang vector extensions: one AVX2 register for
+// float, two for double). Reads may run up to kLanes - 1 values past the end of a tile line, so every buffer a
+// tile points into has kSlack spare values at its end; lanes past the window are computed and discarded.
 constexpr int kLanes = 8;
+constexpr int64_t kSlack = 2 * kLanes;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One AVX2/FMA clone and one baseline clone, picked at load time.
@@ -31,102 +36,134 @@ constexpr int kLanes = 8;
 #else
 #define METAF2N_MULTIVERSION
 #endif
+// The generic bodies must be inlined into each clone to be compiled for its instruction set.
+#define METAF2N_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+METAF2N_INLINE Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+METAF2N_INLINE void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline int blocks(int n) { return (n + kLanes - 1) / kLanes; }
+
+// G neighbouring blocks of offsets at once: G independent accumulator chains keep the adder pipeline full.
+template <int G, typename T>
+METAF2N_INLINE void distance_blocks(const T* plane, int64_t ls, int s, int f, int dy, int i0, int n, T* out) {
+  const int P = 2 * f + 1;
+  Vec<T> acc[G] = {};
+  for (int jy = -f; jy <= f; ++jy) {
+    const T* a = plane + jy * ls - f;
+    const T* b = plane + (jy + dy) * ls - s - f + i0;
+    for (int jx = 0; jx < P; ++jx) {
+      for (int g = 0; g < G; ++g) {
+        const Vec<T> d = a[jx] - load(b + jx + g * kLanes);
+        acc[g] += d * d;
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int valid = std::min(kLanes, n - i0 - g * kLanes);
+    for (int l = 0; l < valid; ++l) out[i0 + g * kLanes + l] += acc[g][l];
+  }
+}
 
 // d2[(dy+s)*n + (dx+s)] = sum over c, j of (x(centre + j) - x(centre + (dy,dx) + j))^2, n = 2s + 1.
 template <typename T>
-inline void distances_impl(const T* centre, int64_t cs, int64_t ls, int C, int s, int f, T* d2) {
+METAF2N_INLINE void distances_impl(const T* centre, int64_t cs, int64_t ls, int C, int s, int f, T* d2) {
   const int n = 2 * s + 1;
-  const int P = 2 * f + 1;
-  const int nfull = n / kLanes * kLanes;
   std::fill(d2, d2 + n * n, T(0));
   for (int c = 0; c < C; ++c) {
     const T* plane = centre + c * cs;
     for (int dy = -s; dy <= s; ++dy) {
       T* out = d2 + (dy + s) * n;
-      for (int i0 = 0; i0 < nfull; i0 += kLanes) {
-        T acc[kLanes] = {};
-        for (int jy = -f; jy <= f; ++jy) {
-          const T* a = plane + jy * ls - f;
-          const T* b = plane + (jy + dy) * ls - s - f + i0;
-          for (int jx = 0; jx < P; ++jx) {
-            const T av = a[jx];
-            for (int l = 0; l < kLanes; ++l) {
-              const T d = av - b[jx + l];
-              acc[l] += d * d;
-            }
-          }
-        }
-        for (int l = 0; l < kLanes; ++l) out[i0 + l] += acc[l];
-      }
-      for (int i = nfull; i < n; ++i) {
-        T acc = 0;
-        for (int jy = -f; jy <= f; ++jy) {
-          const T* a = plane + jy * ls - f;
-          const T* b = plane + (jy + dy) * ls - s - f + i;
-          for (int jx = 0; jx < P; ++jx) {
-            const T d = a[jx] - b[jx];
-            acc += d * d;
-          }
-        }
-        out[i] += acc;
+      int i0 = 0;
+      for (; i0 + 4 * kLanes <= blocks(n) * kLanes; i0 += 4 * kLanes) distance_blocks<4>(plane, ls, s, f, dy, i0, n, out);
+      switch (blocks(n) - i0 / kLanes) {
+        case 3: distance_blocks<3>(plane, ls, s, f, dy, i0, n, out); break;
+        case 2: distance_blocks<2>(plane, ls, s, f, dy, i0, n, out); break;
+        case 1: distance_blocks<1>(plane, ls, s, f, dy, i0, n, out); break;
+        default: break;
       }
     }
   }
 }
 
+// Scratch for scatter(): zero-bordered copies of the weight rows.
+inline int64_t scatter_scratch_size(int s, int f) {
+  const int n = 2 * s + 1, P = 2 * f + 1;
+  return static_cast<int64_t>(n) * (P - 1 + blocks(n + P - 1) * kLanes);
+}
+
+// Candidate-pixel gradient of one tile line, G blocks of kLanes columns from column v0.
+template <int G, typename T>
+METAF2N_INLINE void candidate_blocks(const T* a, const T* b, T* gb, const T* wrow, int P, int v0, int columns) {
+  Vec<T> bv[G], acc[G] = {};
+  for (int g = 0; g < G; ++g) bv[g] = load(b + v0 + g * kLanes);
+  for (int jx = 0; jx < P; ++jx) {
+    for (int g = 0; g < G; ++g) acc[g] += load(wrow + v0 + g * kLanes - jx) * (a[jx] - bv[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    const int valid = std::min(kLanes, columns - v0 - g * kLanes);
+    for (int l = 0; l < valid; ++l) gb[v0 + g * kLanes + l] -= acc[g][l];
+  }
+}
+
 // Adds w[k] * (a - b) to the gradient of every query pixel a and subtracts it from its candidate pixel b.
-// gacc is scratch of P * P * kLanes values.
+// Candidate pixels are visited kLanes columns at a time, each gathering its terms from the weights shifted by
+// the patch column, so no vector store ever overlaps the next load.
 template <typename T>
-inline void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gcentre, int64_t gcs, int64_t gls, int C,
-                         int s, int f, const T* w, T* gacc) {
+METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gcentre, int64_t gcs, int64_t gls,
+                                 int C, int s, int f, const T* w, T* scratch) {
   const int n = 2 * s + 1;
   const int P = 2 * f + 1;
-  const int nfull = n / kLanes * kLanes;
+  const int columns = n + P - 1;            // candidate pixels per tile line
+  const int lead = P - 1;                   // zeros before each weight row
+  const int row = lead + blocks(columns) * kLanes;
+  std::fill(scratch, scratch + n * row, T(0));
+  for (int dy = 0; dy < n; ++dy) std::copy(w + dy * n, w + (dy + 1) * n, scratch + dy * row + lead);
+
   for (int c = 0; c < C; ++c) {
     const T* plane = centre + c * cs;
     T* gplane = gcentre + c * gcs;
-    std::fill(gacc, gacc + P * P * kLanes, T(0));
-    for (int dy = -s; dy <= s; ++dy) {
-      const T* wrow = w + (dy + s) * n;
-      for (int i0 = 0; i0 < nfull; i0 += kLanes) {
-        T wv[kLanes];
-        for (int l = 0; l < kLanes; ++l) wv[l] = wrow[i0 + l];
-        for (int jy = -f; jy <= f; ++jy) {
-          const T* a = plane + jy * ls - f;
-          const T* b = plane + (jy + dy) * ls - s - f + i0;
-          T* gb = gplane + (jy + dy) * gls - s - f + i0;
-          T* ga = gacc + (jy + f) * P * kLanes;
-          for (int jx = 0; jx < P; ++jx) {
-            const T av = a[jx];
-            for (int l = 0; l < kLanes; ++l) {
-              const T t = wv[l] * (av - b[jx + l]);
-              ga[jx * kLanes + l] += t;
-              gb[jx + l] -= t;
-            }
-          }
-        }
-      }
-      for (int i = nfull; i < n; ++i) {
-        const T wi = wrow[i];
-        for (int jy = -f; jy <= f; ++jy) {
-          const T* a = plane + jy * ls - f;
-          const T* b = plane + (jy + dy) * ls - s - f + i;
-          T* gb = gplane + (jy + dy) * gls - s - f + i;
-          T* ga = gacc + (jy + f) * P * kLanes;
-          for (int jx = 0; jx < P; ++jx) {
-            const T t = wi * (a[jx] - b[jx]);
-            ga[jx * kLanes] += t;
-            gb[jx] -= t;
-          }
-        }
-      }
-    }
     for (int jy = -f; jy <= f; ++jy) {
-      for (int jx = -f; jx <= f; ++jx) {
-        const T* lanes = gacc + ((jy + f) * P + (jx + f)) * kLanes;
+      const T* a = plane + jy * ls - f;
+      Vec<T> gquery[32] = {};  // P <= 32 is checked by the caller
+      for (int dy = -s; dy <= s; ++dy) {
+        const T* b = plane + (jy + dy) * ls - s - f;
+        T* gb = gplane + (jy + dy) * gls - s - f;
+        const T* wrow = scratch + (dy + s) * row + lead;  // wrow[dx + s], zero outside [0, n)
+        int v0 = 0;
+        for (; v0 + 4 * kLanes <= blocks(columns) * kLanes; v0 += 4 * kLanes) candidate_blocks<4>(a, b, gb, wrow, P, v0, columns);
+        switch (blocks(columns) - v0 / kLanes) {
+          case 3: candidate_blocks<3>(a, b, gb, wrow, P, v0, columns); break;
+          case 2: candidate_blocks<2>(a, b, gb, wrow, P, v0, columns); break;
+          case 1: candidate_blocks<1>(a, b, gb, wrow, P, v0, columns); break;
+          default: break;
+        }
+        for (int i0 = 0; i0 < n; i0 += kLanes) {
+          const Vec<T> wv = load(wrow + i0);
+          for (int jx = 0; jx < P; ++jx) gquery[jx] += wv * (a[jx] - load(b + i0 + jx));
+        }
+      }
+      T* ga = gplane + jy * gls - f;
+      for (int jx = 0; jx < P; ++jx) {
         T sum = 0;
-        for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-        gplane[jy * gls + jx] += sum;
+        for (int l = 0; l < kLanes; ++l) sum += gquery[jx][l];
+        ga[jx] += sum;
       }
     }
   }
@@ -140,19 +177,20 @@ METAF2N_MULTIVERSION void distances(const double* centre, int64_t cs, int64_t ls
   distances_impl(centre, cs, ls, C, s, f, d2);
 }
 METAF2N_MULTIVERSION void scatter(const float* centre, int64_t cs, int64_t ls, float* gcentre, int64_t gcs,
-                                  int64_t gls, int C, int s, int f, const float* w, float* gacc) {
-  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, gacc);
+                                  int64_t gls, int C, int s, int f, const float* w, float* scratch) {
+  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
 }
 METAF2N_MULTIVERSION void scatter(const double* centre, int64_t cs, int64_t ls, double* gcentre, int64_t gcs,
-                                  int64_t gls, int C, int s, int f, const double* w, double* gacc) {
-  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, gacc);
+                                  int64_t gls, int C, int s, int f, const double* w, double* scratch) {
+  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
 }
 
 }  // namespace kernels
 
 namespace {
 
-constexpr int64_t kBandLines = 8;     // image lines per backward band
+constexpr int64_t kChunkRows = 32;     // rows whose distances are turned into probabilities together
+constexpr int64_t kBandLines = 8;      // image lines per backward band
 constexpr int64_t kBandsPerWave = 16;  // bands whose buffers are alive at once
 
 struct Pixel {
@@ -181,7 +219,7 @@ class TileSource {
         s_(p.s()),
         R_(p.s() + p.f()),
         window_(p.padding == Padding::Window) {
-    if (window_) buffer_.assign(C_ * side() * side(), T(0));  // the border of width f stays zero
+    if (window_) buffer_.assign(C_ * side() * side() + kernels::kSlack, T(0));  // the border stays zero
   }
 
   Tile<T> tile(const Pixel& q) {
@@ -206,6 +244,51 @@ class TileSource {
   std::vector<T> buffer_;
 };
 
+// Unnormalised squared distances d2 (count, K) of the rows ids[0 .. count) of a padded image.
+template <typename T>
+void row_distances(TileSource<T>& source, const int64_t* pos, const int64_t* ids, int64_t count,
+                   const GraphParams& p, int64_t C, T* d2) {
+  for (int64_t r = 0; r < count; ++r) {
+    const Tile<T> t = source.tile(pixel_at(pos, ids[r]));
+    kernels::distances(t.centre, t.cs, t.ls, static_cast<int>(C), static_cast<int>(p.s()), static_cast<int>(p.f()),
+                       d2 + r * p.K());
+  }
+}
+
+// softmax(-d2 / (h C P^2)) along rows; the centre term is exp(0) = 1, so no row sum is below 1.
+at::Tensor rows_from_distances(const at::Tensor& d2, const GraphParams& p, int64_t C) {
+  return at::softmax(d2 * (-1.0 / (p.h * C * p.patch * p.patch)), 1);
+}
+
+// Factor turning dL/dz into the scatter weight of (a - b): z = -d2 / h and d d2 / d a = 2 (a - b) / (C P^2).
+double scatter_factor(const GraphParams& p, int64_t C) { return -2.0 / (p.h * C * p.patch * p.patch); }
+
+// The reflect-padded image, followed in memory by kSlack zeros that tile reads may run into.
+at::Tensor reflect_pad(const at::Tensor& image, int64_t pad) {
+  const int64_t B = image.size(0), C = image.size(1), Hp = image.size(2) + 2 * pad, Wp = image.size(3) + 2 * pad;
+  at::Tensor storage = at::zeros({B * C * Hp * Wp + kernels::kSlack}, image.options());
+  at::Tensor padded = storage.narrow(0, 0, B * C * Hp * Wp).view({B, C, Hp, Wp});
+  at::reflection_pad2d_out(padded, image.contiguous(), {pad, pad, pad, pad});
+  return padded;
+}
+
+at::Tensor unpad_gradient(const at::Tensor& grad_padded, const at::Tensor& image, int64_t pad) {
+  return at::reflection_pad2d_backward(grad_padded, image.contiguous(), {pad, pad, pad, pad});
+}
+
+// Calls fn(ids, count) for consecutive chunks of kChunkRows rows, in parallel. The chunking does not depend on
+// the number of threads.
+template <typename Fn>
+void for_each_chunk(const int64_t* ids, int64_t N, Fn fn) {
+  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t first = k * kChunkRows;
+      fn(k, ids + first, std::min(kChunkRows, N - first));
+    }
+  });
+}
+
 // The padded-image gradient of one band: lines [ylo, ylo + lines) of image b in padded coordinates.
 template <typename T>
 struct Band {
@@ -220,7 +303,7 @@ class GradSink {
  public:
   GradSink(int64_t C, int64_t Wp, const GraphParams& p)
       : C_(C), Wp_(Wp), pad_(p.pad()), s_(p.s()), R_(p.s() + p.f()), window_(p.padding == Padding::Window) {
-    if (window_) scratch_.assign(C_ * side() * side(), T(0));
+    if (window_) scratch_.assign(C_ * side() * side() + kernels::kSlack, T(0));
   }
 
   struct Target {
@@ -258,29 +341,15 @@ class GradSink {
   int64_t band_cs_ = 0;
 };
 
-at::Tensor reflect_pad(const at::Tensor& image, int64_t pad) {
-  return at::reflection_pad2d(image.contiguous(), {pad, pad, pad, pad}).contiguous();
-}
-
-// Calls make_worker() once per thread chunk and worker(i, pixel) for every row i.
-template <typename MakeWorker>
-void for_each_row(const at::Tensor& positions, MakeWorker make_worker) {
-  const int64_t N = positions.size(0);
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
-    auto worker = make_worker();
-    for (int64_t i = begin; i < end; ++i) worker(i, pixel_at(pos, i));
-  });
-}
-
-// Backward driver. make_worker() returns worker(i, pixel, tile, w) that fills the K scatter weights w of row i
-// from its tile of the differentiated image. Returns the gradient of the padded image (B, C, Hp, Wp).
-template <typename T, typename MakeWorker>
+// Backward driver. weights(ids, count) returns the (count, K) scatter weights of rows ids[0 .. count): the
+// coefficient of (a - b) in the gradient of each query pixel a (and minus that of its candidate b).
+// Returns the gradient of the padded image (B, C, Hp, Wp).
+template <typename T, typename Weights>
 at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, const GraphParams& p,
-                        MakeWorker make_worker) {
+                        Weights weights) {
   const int64_t N = positions.size(0);
   const int64_t C = padded.size(1), Hp = padded.size(2), Wp = padded.size(3);
-  const int64_t pad = p.pad();
+  const int64_t pad = p.pad(), K = p.K();
   const int64_t* pos = positions.data_ptr<int64_t>();
   at::Tensor grad_padded = at::zeros_like(padded);
   T* gp = grad_padded.data_ptr<T>();
@@ -291,51 +360,46 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
     const Pixel a = pixel_at(pos, i), b = pixel_at(pos, j);
     return std::tie(a.b, a.y, a.x) < std::tie(b.b, b.y, b.x);
   });
-  struct Group {
-    int64_t start, end;
-  };
-  std::vector<Group> groups;
+  std::vector<int64_t> group_starts;  // groups of sorted rows sharing an image and a band of lines
   for (int64_t k = 0; k < N; ++k) {
     const Pixel q = pixel_at(pos, order[k]);
     const bool same = k > 0 && [&] {
       const Pixel prev = pixel_at(pos, order[k - 1]);
       return prev.b == q.b && prev.y / kBandLines == q.y / kBandLines;
     }();
-    if (same) {
-      groups.back().end = k + 1;
-    } else {
-      groups.push_back(Group{k, k + 1});
-    }
+    if (!same) group_starts.push_back(k);
   }
+  group_starts.push_back(N);
 
-  const int64_t num_groups = static_cast<int64_t>(groups.size());
+  const int64_t num_groups = static_cast<int64_t>(group_starts.size()) - 1;
   for (int64_t first = 0; first < num_groups; first += kBandsPerWave) {
     const int64_t last = std::min(num_groups, first + kBandsPerWave);
     std::vector<Band<T>> bands(last - first);
     at::parallel_for(first, last, 1, [&](int64_t gbegin, int64_t gend) {
       TileSource<T> source(padded, p);
       GradSink<T> sink(C, Wp, p);
-      std::vector<T> w(p.K());
-      std::vector<T> gacc(p.patch * p.patch * kernels::kLanes);
-      auto worker = make_worker();
+      std::vector<T> scratch(kernels::scatter_scratch_size(static_cast<int>(p.s()), static_cast<int>(p.f())));
       for (int64_t g = gbegin; g < gend; ++g) {
-        const Group& group = groups[g];
-        const Pixel lo = pixel_at(pos, order[group.start]), hi = pixel_at(pos, order[group.end - 1]);
+        const int64_t start = group_starts[g], stop = group_starts[g + 1];
+        const Pixel lo = pixel_at(pos, order[start]), hi = pixel_at(pos, order[stop - 1]);
         Band<T>& band = bands[g - first];
         band.b = lo.b;
         band.ylo = lo.y;
         band.lines = hi.y - lo.y + 1 + 2 * pad;
-        band.data.assign(C * band.lines * Wp, T(0));
-        for (int64_t k = group.start; k < group.end; ++k) {
-          const int64_t i = order[k];
-          const Pixel q = pixel_at(pos, i);
-          const Tile<T> tile = source.tile(q);
-          worker(i, q, tile, w.data());
-          const auto target = sink.begin(band, q);
-          kernels::scatter(tile.centre, tile.cs, tile.ls, target.centre, target.cs, target.ls,
-                           static_cast<int>(C), static_cast<int>(p.s()), static_cast<int>(p.f()), w.data(),
-                           gacc.data());
-          sink.end();
+        band.data.assign(C * band.lines * Wp + kernels::kSlack, T(0));
+        for (int64_t k0 = start; k0 < stop; k0 += kChunkRows) {
+          const int64_t count = std::min(kChunkRows, stop - k0);
+          const at::Tensor w = weights(order.data() + k0, count).contiguous();
+          const T* wdata = w.data_ptr<T>();
+          for (int64_t r = 0; r < count; ++r) {
+            const Pixel q = pixel_at(pos, order[k0 + r]);
+            const Tile<T> tile = source.tile(q);
+            const auto target = sink.begin(band, q);
+            kernels::scatter(tile.centre, tile.cs, tile.ls, target.centre, target.cs, target.ls,
+                             static_cast<int>(C), static_cast<int>(p.s()), static_cast<int>(p.f()),
+                             wdata + r * K, scratch.data());
+            sink.end();
+          }
         }
       }
     });
@@ -353,124 +417,81 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
   return grad_padded;
 }
 
-// Row softmax of z = -d2 / (h C P^2); the centre term is exp(0) = 1, so the sum is >= 1.
-template <typename T>
-void softmax_rows(const T* d2, int64_t K, double scale, T* out) {
-  T sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    out[k] = std::exp(-d2[k] * static_cast<T>(scale));
-    sum += out[k];
-  }
-  const T inv = T(1) / sum;
-  for (int64_t k = 0; k < K; ++k) out[k] *= inv;
+std::vector<int64_t> identity_ids(int64_t N) {
+  std::vector<int64_t> ids(N);
+  std::iota(ids.begin(), ids.end(), 0);
+  return ids;
 }
 
-double softmax_scale(const GraphParams& p, int64_t C) { return 1.0 / (p.h * C * p.patch * p.patch); }
-
-// Factor turning dL/dz_k into the scatter weight of (a - b): z = -d2 / h and d d2 / d a = 2 (a - b) / (C P^2).
-double scatter_factor(const GraphParams& p, int64_t C) { return -2.0 / (p.h * C * p.patch * p.patch); }
+// The two graphs of a chunk of rows: S from sr, H from hr, each (count, K).
+template <typename T>
+std::pair<at::Tensor, at::Tensor> loss_rows(const at::Tensor& padded_sr, const at::Tensor& padded_hr,
+                                            const int64_t* pos, const int64_t* ids, int64_t count,
+                                            const GraphParams& p) {
+  const int64_t C = padded_sr.size(1);
+  TileSource<T> sr_source(padded_sr, p), hr_source(padded_hr, p);
+  at::Tensor ds = at::empty({count, p.K()}, padded_sr.options());
+  at::Tensor dh = at::empty({count, p.K()}, padded_sr.options());
+  row_distances(sr_source, pos, ids, count, p, C, ds.data_ptr<T>());
+  row_distances(hr_source, pos, ids, count, p, C, dh.data_ptr<T>());
+  return {rows_from_distances(ds, p, C), rows_from_distances(dh, p, C)};
+}
 
 }  // namespace
 
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
-  const int64_t N = positions.size(0), K = p.K(), C = image.size(1);
-  at::Tensor rows = at::empty({N, K}, image.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0) return rows;
+  const int64_t N = positions.size(0), C = image.size(1);
+  at::Tensor d2 = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return d2;
   const at::Tensor padded = reflect_pad(image, p.pad());
+  const std::vector<int64_t> ids = identity_ids(N);
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "metaf2n_graph_forward_cpu", [&] {
-    scalar_t* out = rows.data_ptr<scalar_t>();
-    const double scale = softmax_scale(p, C);
-    for_each_row(positions, [&] {
-      return [&, source = TileSource<scalar_t>(padded, p), d2 = std::vector<scalar_t>(K)](
-                 int64_t i, const Pixel& q) mutable {
-        const Tile<scalar_t> t = source.tile(q);
-        kernels::distances(t.centre, t.cs, t.ls, static_cast<int>(C), static_cast<int>(p.s()),
-                           static_cast<int>(p.f()), d2.data());
-        softmax_rows(d2.data(), K, scale, out + i * K);
-      };
+    scalar_t* out = d2.data_ptr<scalar_t>();
+    for_each_chunk(ids.data(), N, [&](int64_t k, const int64_t* chunk, int64_t count) {
+      TileSource<scalar_t> source(padded, p);
+      row_distances(source, positions.data_ptr<int64_t>(), chunk, count, p, C, out + k * kChunkRows * p.K());
     });
   });
-  return rows;
+  return rows_from_distances(d2, p, C);
 }
 
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                           const at::Tensor& positions, const GraphParams& p) {
-  const int64_t N = positions.size(0), K = p.K(), C = image.size(1);
+  const int64_t N = positions.size(0), C = image.size(1);
   if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
   const at::Tensor padded = reflect_pad(image, p.pad());
-  const at::Tensor g = grad_rows.contiguous();
-  const at::Tensor S = rows.contiguous();
+  // Softmax backward: dL/dz = S * (G - sum_j G_j S_j).
+  const at::Tensor w =
+      (rows * (grad_rows - (grad_rows * rows).sum(1, /*keepdim=*/true)) * scatter_factor(p, C)).contiguous();
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "metaf2n_graph_backward_cpu", [&] {
-    const scalar_t* gdata = g.data_ptr<scalar_t>();
-    const scalar_t* sdata = S.data_ptr<scalar_t>();
-    const auto factor = static_cast<scalar_t>(scatter_factor(p, C));
-    grad_padded = scatter_rows<scalar_t>(padded, positions, p, [&] {
-      return [&](int64_t i, const Pixel&, const Tile<scalar_t>&, scalar_t* w) {
-        const scalar_t* gi = gdata + i * K;
-        const scalar_t* si = sdata + i * K;
-        scalar_t dot = 0;
-        for (int64_t k = 0; k < K; ++k) dot += gi[k] * si[k];
-        for (int64_t k = 0; k < K; ++k) w[k] = factor * si[k] * (gi[k] - dot);
-      };
+    grad_padded = scatter_rows<scalar_t>(padded, positions, p, [&](const int64_t* ids, int64_t count) {
+      return w.index_select(0, at::from_blob(const_cast<int64_t*>(ids), {count}, at::kLong));
     });
   });
-  const int64_t pad = p.pad();
-  return at::reflection_pad2d_backward(grad_padded, image.contiguous(), {pad, pad, pad, pad});
+  return unpad_gradient(grad_padded, image, p.pad());
 }
-
-namespace {
-
-// Per-thread state of the loss: both images' tiles, distances and rows.
-template <typename T>
-struct LossRowState {
-  LossRowState(const at::Tensor& padded_hr, const GraphParams& p)
-      : hr_source(padded_hr, p), ds(p.K()), dh(p.K()), S(p.K()), H(p.K()) {}
-
-  // Fills S (SR row) and H (HR row) for pixel q, given the SR tile.
-  void rows(const Tile<T>& sr_tile, const Pixel& q, const GraphParams& p, int64_t C, double scale) {
-    const Tile<T> hr_tile = hr_source.tile(q);
-    const int Ci = static_cast<int>(C), s = static_cast<int>(p.s()), f = static_cast<int>(p.f());
-    kernels::distances(sr_tile.centre, sr_tile.cs, sr_tile.ls, Ci, s, f, ds.data());
-    kernels::distances(hr_tile.centre, hr_tile.cs, hr_tile.ls, Ci, s, f, dh.data());
-    softmax_rows(ds.data(), p.K(), scale, S.data());
-    softmax_rows(dh.data(), p.K(), scale, H.data());
-  }
-
-  TileSource<T> hr_source;
-  std::vector<T> ds, dh, S, H;
-};
-
-}  // namespace
 
 at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
                         const GraphParams& p, const LossWeights& lw) {
-  const int64_t N = positions.size(0), K = p.K(), C = sr.size(1);
+  const int64_t N = positions.size(0), K = p.K();
   if (N == 0) return at::zeros({}, sr.options());
   const at::Tensor padded_sr = reflect_pad(sr, p.pad());
   const at::Tensor padded_hr = reflect_pad(hr, p.pad());
-  std::vector<double> row_loss(N);
+  const std::vector<int64_t> ids = identity_ids(N);
+  std::vector<double> chunk_loss((N + kChunkRows - 1) / kChunkRows);
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_forward_cpu", [&] {
-    const double scale = softmax_scale(p, C);
-    const auto floor = static_cast<scalar_t>(kProbFloor);
-    for_each_row(positions, [&] {
-      return [&, source = TileSource<scalar_t>(padded_sr, p), state = LossRowState<scalar_t>(padded_hr, p)](
-                 int64_t i, const Pixel& q) mutable {
-        state.rows(source.tile(q), q, p, C, scale);
-        double kl = 0, l1 = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t t = std::max(state.H[k], floor);
-          const scalar_t x = std::max(state.S[k], floor);
-          kl += static_cast<double>(t * (std::log(t) - std::log(x)));
-          l1 += static_cast<double>(std::abs(state.S[k] - state.H[k]));
-        }
-        row_loss[i] = lw.kl * kl + lw.l1 * l1;
-      };
+    for_each_chunk(ids.data(), N, [&](int64_t k, const int64_t* chunk, int64_t count) {
+      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, positions.data_ptr<int64_t>(), chunk, count, p);
+      const at::Tensor t = H.clamp_min(kProbFloor);
+      const at::Tensor kl = (t * (t.log() - S.clamp_min(kProbFloor).log())).sum(at::kDouble);
+      const at::Tensor l1 = (S - H).abs().sum(at::kDouble);
+      chunk_loss[k] = lw.kl * kl.item<double>() + lw.l1 * l1.item<double>();
     });
   });
-  // Summed in row order so the result does not depend on the thread count.
+  // Summed in chunk order so the result does not depend on the thread count.
   double total = 0;
-  for (double v : row_loss) total += v;
+  for (double v : chunk_loss) total += v;
   return at::scalar_tensor(total / (static_cast<double>(N) * K), sr.options());
 }
 
@@ -480,38 +501,23 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
   if (N == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
   const at::Tensor padded_sr = reflect_pad(sr, p.pad());
   const at::Tensor padded_hr = reflect_pad(hr, p.pad());
-  const double g = grad.item<double>();
+  const double mean = grad.item<double>() / (static_cast<double>(N) * K);
+  const double a = lw.kl * mean * scatter_factor(p, C), b = lw.l1 * mean * scatter_factor(p, C);
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_backward_cpu", [&] {
-    const double scale = softmax_scale(p, C);
-    const auto floor = static_cast<scalar_t>(kProbFloor);
-    const double mean = g / (static_cast<double>(N) * K);
-    const auto a = static_cast<scalar_t>(lw.kl * mean);
-    const auto b = static_cast<scalar_t>(lw.l1 * mean);
-    const auto factor = static_cast<scalar_t>(scatter_factor(p, C));
-    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&] {
-      return [&, state = LossRowState<scalar_t>(padded_hr, p)](
-                 int64_t, const Pixel& q, const Tile<scalar_t>& tile, scalar_t* w) mutable {
-        state.rows(tile, q, p, C, scale);
-        const std::vector<scalar_t>& S = state.S;
-        const std::vector<scalar_t>& H = state.H;
-        scalar_t sum_t_in_u = 0, sum_s_sgn = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          if (S[k] >= floor) sum_t_in_u += std::max(H[k], floor);
-          sum_s_sgn += S[k] * static_cast<scalar_t>((S[k] > H[k]) - (S[k] < H[k]));
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t t = std::max(H[k], floor);
-          const scalar_t sgn = static_cast<scalar_t>((S[k] > H[k]) - (S[k] < H[k]));
-          const scalar_t kl = S[k] * sum_t_in_u - (S[k] >= floor ? t : scalar_t(0));
-          const scalar_t l1 = S[k] * (sgn - sum_s_sgn);
-          w[k] = factor * (a * kl + b * l1);
-        }
-      };
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count) {
+      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
+      // dL/dz_k = a (S_k sum_{j in U} t_j - t_k [k in U]) + b S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}.
+      const at::Tensor in_u = S.ge(kProbFloor).to(S.scalar_type());
+      const at::Tensor t_in_u = H.clamp_min(kProbFloor) * in_u;
+      const at::Tensor sgn = (S - H).sign();
+      const at::Tensor kl = S * t_in_u.sum(1, true) - t_in_u;
+      const at::Tensor l1 = S * (sgn - (S * sgn).sum(1, true));
+      return kl * a + l1 * b;
     });
   });
-  const int64_t pad = p.pad();
-  return at::reflection_pad2d_backward(grad_padded, sr.contiguous(), {pad, pad, pad, pad});
+  return unpad_gradient(grad_padded, sr, p.pad());
 }
 
 }  // namespace metaf2n::cpu
