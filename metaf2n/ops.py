@@ -55,24 +55,37 @@ def ssl_loss(
 # --- fake kernels: shapes and dtypes only ---------------------------------------------------------------------
 
 
+def _check_device(tensor: torch.Tensor, name: str, image: torch.Tensor, image_name: str) -> None:
+    # Mixed devices would otherwise dispatch to the fake kernel and silently return a meta tensor.
+    if tensor.device != image.device:
+        raise ValueError(f"{name} must be on {image_name}'s device {image.device}, got {tensor.device}")
+
+
 @torch.library.register_fake("metaf2n::similarity_graph")
 def _similarity_graph_fake(image, positions, search, patch, h, padding):
+    _check_device(positions, "positions", image, "image")
     torch._check(positions.dim() == 2 and positions.shape[1] == 3)
     return image.new_empty((positions.shape[0], search * search))
 
 
 @torch.library.register_fake("metaf2n::similarity_graph_backward")
 def _similarity_graph_backward_fake(grad_rows, rows, image, positions, search, patch, h, padding):
+    for tensor, name in ((grad_rows, "grad_rows"), (rows, "rows"), (positions, "positions")):
+        _check_device(tensor, name, image, "image")
     return torch.empty_like(image, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("metaf2n::ssl_loss")
 def _ssl_loss_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+    _check_device(hr, "hr", sr, "sr")
+    _check_device(positions, "positions", sr, "sr")
     return sr.new_empty(())
 
 
 @torch.library.register_fake("metaf2n::ssl_loss_backward")
 def _ssl_loss_backward_fake(grad, sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+    for tensor, name in ((grad, "grad"), (hr, "hr"), (positions, "positions")):
+        _check_device(tensor, name, sr, "sr")
     return torch.empty_like(sr, memory_format=torch.contiguous_format)
 
 

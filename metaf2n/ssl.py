@@ -20,8 +20,9 @@ from . import ops
 
 __all__ = ["edge_mask", "mask_positions", "self_similarity_graph", "ssl_loss", "SelfSimilarityLoss"]
 
-# ITU-R BT.601 luma in OpenCV's fixed point (cv2.cvtColor RGB2GRAY): Y = (4899 R + 9617 G + 1868 B + 2^13) >> 14.
-_LUMA_WEIGHTS = (4899, 9617, 1868)
+# ITU-R BT.601 luma in OpenCV's 8-bit fixed point (cv2.cvtColor RGB2GRAY): Y = (9798 R + 19235 G + 3735 B + 2^14) >> 15.
+_LUMA_WEIGHTS = (9798, 19235, 3735)
+_LUMA_SHIFT = 15
 _LAPLACIAN = ((0, 1, 0), (1, -4, 1), (0, 1, 0))
 
 
@@ -53,7 +54,7 @@ def edge_mask(hr: torch.Tensor, threshold: float = 20.0, stride: int = 1) -> tor
     q = (hr.float().clamp(0, 1) * 255).round().to(torch.int32)
     if q.shape[1] == 3:
         wr, wg, wb = _LUMA_WEIGHTS
-        luma = (wr * q[:, 0] + wg * q[:, 1] + wb * q[:, 2] + (1 << 13)) >> 14
+        luma = (wr * q[:, 0] + wg * q[:, 1] + wb * q[:, 2] + (1 << (_LUMA_SHIFT - 1))) >> _LUMA_SHIFT
     else:
         luma = q[:, 0]
     padded = F.pad(luma[:, None].float(), (1, 1, 1, 1), mode="reflect")
