@@ -1,0 +1,243 @@
+"""Speed and memory of the SSL ops against the plain-PyTorch reference, side by side, on real photo crops.
+
+    python bench/bench_ssl.py                       # 128^2, 256^2, 512^2 on the CPU (+ the CUDA section on a GPU)
+    python bench/bench_ssl.py --sizes 128 --repeats 3 --out results/bench
+
+Every (size, implementation) runs in a fresh subprocess so that its peak memory (the rise of the process's peak
+resident set over what the inputs already hold) is its own. Work is counted on the direct method: one "difference"
+is one (x_p - x_q)^2 term, sub + mul + add = 3 flops, and a graph row has K * C * patch^2 of them; the fused loss
+computes 2 graphs (SR and HR) forward and counts as 4 graphs forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEARCH, PATCH, H = 25, 9, 0.004
+IMPLS = ("reference", "ours_loss", "ours_graph")
+REFERENCE_MEMORY_LIMIT = 16e9  # bytes; the reference keeps ~3 tensors of N x K x C x patch^2 floats for backward
+
+
+def crop_pair(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HR: a size x size crop of skimage's astronaut (resized up for 512); SR: its bicubic x4 down-up version."""
+    import skimage.data
+
+    rgb = torch.from_numpy(np.ascontiguousarray(skimage.data.astronaut())).permute(2, 0, 1)[None].float() / 255
+    if size > 512:
+        raise ValueError("sizes up to 512 are supported")
+    top = {128: 180, 256: 100}.get(size, 0)
+    left = {128: 200, 256: 150}.get(size, 0)
+    hr = rgb[:, :, top : top + size, left : left + size].contiguous()
+    small = F.interpolate(hr, scale_factor=0.25, mode="area")
+    sr = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return sr, hr
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(size: int, impl: str, repeats: int) -> dict:
+    from metaf2n import reference
+    from metaf2n.ssl import edge_mask, ops
+
+    sr, hr = crop_pair(size)
+    positions = torch.nonzero(edge_mask(hr))
+    n = positions.shape[0]
+    weights = torch.randn(n, SEARCH * SEARCH, generator=torch.Generator().manual_seed(0))
+
+    def forward(x):
+        if impl == "reference":
+            return reference.ssl_loss(x, hr, positions, SEARCH, PATCH, H)
+        if impl == "ours_loss":
+            return ops.ssl_loss(x, hr, positions, SEARCH, PATCH, H)
+        return (ops.similarity_graph(x, positions, SEARCH, PATCH, H) * weights).sum()
+
+    def run():
+        x = sr.clone().requires_grad_()
+        t0 = time.perf_counter()
+        loss = forward(x)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0
+
+    base = current_rss()
+    first = run()  # its memory peak is the one reported
+    peak = peak_rss() - base
+    times = [first] + [run() for _ in range(repeats - 1)]
+    return {
+        "size": size,
+        "impl": impl,
+        "n": n,
+        "forward_s": statistics.median(t[0] for t in times),
+        "total_s": statistics.median(t[1] for t in times),
+        "peak_bytes": max(peak, 0),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_matmul_peak() -> float:
+    """Achievable fp32 GFLOP/s of this machine: the best of a few 2048^3 matmuls."""
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
+def graph_flops(n: int, channels: int = 3) -> float:
+    return 3.0 * n * SEARCH * SEARCH * channels * PATCH * PATCH
+
+
+def reference_memory_estimate(n: int, channels: int = 3) -> float:
+    return 3 * 4.0 * n * SEARCH * SEARCH * channels * PATCH * PATCH * 2
+
+
+def run_in_subprocess(size: int, impl: str, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(size), impl, "--repeats", str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"size": size, "impl": impl, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: list[dict], peak_gflops: float) -> str:
+    lines = [
+        f"SSL on the CPU ({torch.get_num_threads()} threads, torch {torch.__version__}); search {SEARCH}, patch {PATCH}, "
+        f"h {H}, edge mask > 20; fp32 matmul peak measured {peak_gflops:.0f} GFLOP/s",
+        "",
+        "| size | N | implementation | forward ms | fwd+bwd ms | peak MB | speed-up vs ref | memory vs ref | GFLOP/s fwd | GFLOP/s fwd+bwd | % of peak (fwd+bwd) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_size: dict[int, dict[str, dict]] = {}
+    for r in results:
+        by_size.setdefault(r["size"], {})[r["impl"]] = r
+    for size, rows in sorted(by_size.items()):
+        ref = rows.get("reference", {})
+        for impl in IMPLS:
+            r = rows.get(impl)
+            if r is None:
+                continue
+            if "error" in r or "skipped" in r:
+                lines.append(f"| {size}^2 | {r.get('n', '')} | {impl} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+                continue
+            graphs = 1 if impl == "ours_graph" else 2
+            work_fwd = graph_flops(r["n"]) * graphs
+            fwd_gflops = work_fwd / r["forward_s"] / 1e9
+            total_gflops = 2 * work_fwd / r["total_s"] / 1e9
+            speedup = memory = ""
+            if "total_s" in ref and impl != "reference":
+                speedup = f"{ref['total_s'] / r['total_s']:.0f}x"
+                memory = f"{100 * r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}%"
+            lines.append(
+                f"| {size}^2 | {r['n']} | {impl} | {1e3 * r['forward_s']:.1f} | {1e3 * r['total_s']:.1f} | "
+                f"{r['peak_bytes'] / 1e6:.1f} | {speedup} | {memory} | {fwd_gflops:.1f} | {total_gflops:.1f} | "
+                f"{100 * total_gflops / peak_gflops:.0f}% |"
+            )
+    lines += [
+        "",
+        "ours_loss: fused KL + L1 loss op; ours_graph: graph op + weighted sum of its rows (1 graph);",
+        "reference: metaf2n.reference (unfold + autograd, chunks of 256 rows). Work: 3 flops per difference, fwd+bwd = 2x fwd.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "total_s" in r]
+    sizes = sorted({r["size"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.25
+    for i, impl in enumerate(IMPLS):
+        xs, ts, ms = [], [], []
+        for j, size in enumerate(sizes):
+            r = next((r for r in ok if r["size"] == size and r["impl"] == impl), None)
+            if r:
+                xs.append(j + (i - 1) * width)
+                ts.append(r["total_s"] * 1e3)
+                ms.append(max(r["peak_bytes"], 1) / 1e6)
+        axes[0].bar(xs, ts, width, label=impl)
+        axes[1].bar(xs, ms, width, label=impl)
+    for ax, title in zip(axes, ("forward + backward time (ms, log)", "peak memory (MB, log)")):
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(sizes)), [f"{s}^2" for s in sizes])
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("Self-similarity loss on the CPU: ours vs the plain-PyTorch reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for the table and the plot")
+    parser.add_argument("--skip-reference", action="store_true", help="time only our ops")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA section even when a GPU is present")
+    parser.add_argument("--worker", nargs=2, metavar=("SIZE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.repeats)))
+        return 0
+
+    from metaf2n.ssl import edge_mask
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in args.sizes:
+        n = int(edge_mask(crop_pair(size)[1]).sum())
+        for impl in IMPLS:
+            if impl == "reference" and args.skip_reference:
+                continue
+            if impl == "reference" and reference_memory_estimate(n) > REFERENCE_MEMORY_LIMIT:
+                gb = reference_memory_estimate(n) / 1e9
+                results.append({"size": size, "impl": impl, "n": n, "skipped": f"skipped: needs ~{gb:.0f} GB"})
+                continue
+            print(f"measuring {impl} at {size}^2 (N = {n}) ...", file=sys.stderr, flush=True)
+            results.append(run_in_subprocess(size, impl, args.repeats))
+    table = format_table(results, measure_matmul_peak())
+    print(table)
+    (args.out / "bench_ssl_cpu.md").write_text(table + "\n")
+    (args.out / "bench_ssl_cpu.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "bench_ssl_cpu.png")
+    print(f"\nwrote {args.out / 'bench_ssl_cpu.md'} and {args.out / 'bench_ssl_cpu.png'}", file=sys.stderr)
+
+    if not args.no_cuda and torch.cuda.is_available():
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_ssl_cuda
+
+        return bench_ssl_cuda.main(["--out", str(args.out)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
