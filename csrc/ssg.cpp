@@ -170,6 +170,27 @@ at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const
   return cpu::loss_backward(grad.to(x.scalar_type()), x, cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
 }
 
+// Used by autograd when sr requires a gradient: the backward then only scales the saved gradient.
+std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                      const at::Tensor& positions, int64_t search, int64_t patch,
+                                                      double h, double kl_weight, double l1_weight,
+                                                      c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, h, view(padding));
+  const LossWeights w = make_weights(kl_weight, l1_weight);
+  check_image(sr, "sr", p);
+  check_same_image(sr, "sr", hr, "hr");
+  check_positions(positions, sr);
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+#ifdef METAF2N_WITH_CUDA
+  if (sr.is_cuda()) {
+    at::Tensor loss = cuda::loss_forward(sr, hr, pos, p, w);
+    return {loss, cuda::loss_backward(at::ones({}, loss.options()), sr, hr, pos, p, w)};
+  }
+#endif
+  auto [loss, grad] = cpu::loss_with_grad(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w);
+  return {loss.to(sr.scalar_type()), grad.to(sr.scalar_type())};
+}
+
 bool has_cuda_kernels() {
 #ifdef METAF2N_WITH_CUDA
   return true;
@@ -191,6 +212,9 @@ TORCH_LIBRARY(metaf2n, m) {
   m.def(
       "ssl_loss_backward(Tensor grad, Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
       "float kl_weight, float l1_weight, str padding) -> Tensor");
+  m.def(
+      "ssl_loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
+      "float kl_weight, float l1_weight, str padding) -> (Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 
@@ -199,6 +223,7 @@ TORCH_LIBRARY_IMPL(metaf2n, CPU, m) {
   m.impl("similarity_graph_backward", &similarity_graph_backward);
   m.impl("ssl_loss", &ssl_loss);
   m.impl("ssl_loss_backward", &ssl_loss_backward);
+  m.impl("ssl_loss_with_grad", &ssl_loss_with_grad);
 }
 
 #ifdef METAF2N_WITH_CUDA
@@ -207,6 +232,7 @@ TORCH_LIBRARY_IMPL(metaf2n, CUDA, m) {
   m.impl("similarity_graph_backward", &similarity_graph_backward);
   m.impl("ssl_loss", &ssl_loss);
   m.impl("ssl_loss_backward", &ssl_loss_backward);
+  m.impl("ssl_loss_with_grad", &ssl_loss_with_grad);
 }
 #endif
 

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string_view>
+#include <tuple>
 
 namespace metaf2n {
 
@@ -50,6 +51,10 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
                         const GraphParams& p, const LossWeights& w);
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+// The loss and its gradient w.r.t. sr in one pass (both graphs are computed once instead of twice).
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& w);
 }  // namespace cpu
 
 // Clamp applied to both graphs inside the KL term, as in the published SSL code.

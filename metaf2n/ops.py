@@ -48,7 +48,14 @@ def ssl_loss(
     l1_weight: float = 1000.0,
     padding: str = "image",
 ) -> torch.Tensor:
-    """Fused ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|`` averaged over N x K; a scalar."""
+    """Fused ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|`` averaged over N x K; a scalar.
+
+    When ``sr`` needs a gradient, the loss and its gradient are computed in one pass (``ssl_loss_with_grad``), which
+    keeps one image-sized gradient until backward and saves recomputing both graphs there.
+    """
+    if sr.requires_grad and torch.is_grad_enabled():
+        loss, _ = torch.ops.metaf2n.ssl_loss_with_grad(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding)
+        return loss
     return torch.ops.metaf2n.ssl_loss(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding)
 
 
@@ -87,6 +94,13 @@ def _ssl_loss_backward_fake(grad, sr, hr, positions, search, patch, h, kl_weight
     for tensor, name in ((grad, "grad"), (hr, "hr"), (positions, "positions")):
         _check_device(tensor, name, sr, "sr")
     return torch.empty_like(sr, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("metaf2n::ssl_loss_with_grad")
+def _ssl_loss_with_grad_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+    _check_device(hr, "hr", sr, "sr")
+    _check_device(positions, "positions", sr, "sr")
+    return sr.new_empty(()), torch.empty_like(sr, memory_format=torch.contiguous_format)
 
 
 # --- autograd -------------------------------------------------------------------------------------------------
@@ -129,8 +143,26 @@ def _loss_backward(ctx, grad):
 torch.library.register_autograd("metaf2n::ssl_loss", _loss_backward, setup_context=_loss_setup_context)
 
 
+def _loss_with_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    # The second output is the first derivative itself: it carries no gradient (no double backward).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _loss_with_grad_backward(ctx, grad_loss, grad_of_grad):
+    (grad_sr,) = ctx.saved_tensors
+    grad = None if grad_loss is None else grad_loss * grad_sr
+    return grad, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "metaf2n::ssl_loss_with_grad", _loss_with_grad_backward, setup_context=_loss_with_grad_setup_context
+)
+
+
 # --- autocast: the maths needs float32 (h = 0.004 amplifies distance errors 250-fold) -------------------------
 
-for _op in ("metaf2n::similarity_graph", "metaf2n::ssl_loss"):
+for _op in ("metaf2n::similarity_graph", "metaf2n::ssl_loss", "metaf2n::ssl_loss_with_grad"):
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast(_op, _device, torch.float32)

@@ -123,14 +123,46 @@ def test_gradcheck_graph(padding):
     assert torch.autograd.gradcheck(lambda img: ops.similarity_graph(img, pos, 5, 3, 0.05, padding), (x,))
 
 
+LOSS_PATHS = {
+    # what ops.ssl_loss runs when sr needs a gradient: loss and gradient in one pass
+    "fused_with_grad": lambda *args: ops.ssl_loss(*args),
+    # the plain op with its own backward op
+    "forward_then_backward": lambda *args: torch.ops.metaf2n.ssl_loss(*args),
+}
+
+
+@pytest.mark.parametrize("path", LOSS_PATHS)
 @pytest.mark.parametrize("padding", ["image", "window"])
-def test_gradcheck_loss(padding):
+def test_gradcheck_loss(padding, path):
     hr = smooth_random((2, 2, 9, 10), seed=7).double()
     sr = (hr + 0.05 * smooth_random((2, 2, 9, 10), seed=8).double()).requires_grad_()
     pos = torch.tensor([[0, 0, 0], [0, 4, 5], [1, 8, 9], [1, 2, 7], [1, 2, 7]])
-    assert torch.autograd.gradcheck(
-        lambda img: ops.ssl_loss(img, hr, pos, 5, 3, 0.05, 1.0, 2.0, padding), (sr,), atol=1e-7, rtol=1e-4
-    )
+    loss = LOSS_PATHS[path]
+    assert torch.autograd.gradcheck(lambda img: loss(img, hr, pos, 5, 3, 0.05, 1.0, 2.0, padding), (sr,), atol=1e-7, rtol=1e-4)
+
+
+def test_both_loss_paths_agree(photo_pair):
+    sr, hr = photo_pair
+    pos = torch.nonzero(edge_mask(hr))
+    grads = []
+    for loss in LOSS_PATHS.values():
+        x = sr.clone().requires_grad_()
+        value = loss(x, hr, pos, 25, 9, 0.004, 1000.0, 1000.0, "image")
+        (3 * value).backward()
+        grads.append((value.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    with torch.no_grad():
+        torch.testing.assert_close(ops.ssl_loss(sr, hr, pos), grads[0][0])
+
+
+def test_gradient_output_of_fused_op_is_not_differentiable(photo_pair):
+    sr, hr = photo_pair
+    x = sr.clone().requires_grad_()
+    _, grad = torch.ops.metaf2n.ssl_loss_with_grad(x, hr, torch.nonzero(edge_mask(hr)), 25, 9, 0.004, 1.0, 1.0, "image")
+    assert not grad.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()
 
 
 def _opcheck_samples():
@@ -139,7 +171,9 @@ def _opcheck_samples():
         pos = random_positions(2, 12, 11, 7, seed=10)
         yield "similarity_graph", (x.clone().requires_grad_(), pos, 5, 3, 0.05, padding)
         yield "similarity_graph", (x.double(), pos.int(), 3, 1, 1.0, padding)
-        yield "ssl_loss", (x.clone().requires_grad_(), smooth_random((2, 3, 12, 11), seed=11), pos, 5, 3, 0.05, 1.0, 1.0, padding)
+        hr = smooth_random((2, 3, 12, 11), seed=11)
+        yield "ssl_loss", (x.clone().requires_grad_(), hr, pos, 5, 3, 0.05, 1.0, 1.0, padding)
+        yield "ssl_loss_with_grad", (x.clone().requires_grad_(), hr, pos, 5, 3, 0.05, 1.0, 1.0, padding)
     yield "similarity_graph", (torch.rand(1, 1, 8, 8), torch.zeros(0, 3, dtype=torch.long), 3, 3, 0.1, "image")
 
 

@@ -358,7 +358,8 @@ class GradSink {
   int64_t band_cs_ = 0;
 };
 
-// Backward driver. weights(ids, count) returns the (count, K) scatter weights of rows ids[0 .. count): the
+// Backward driver. weights(ids, count, first) returns the (count, K) scatter weights of rows ids[0 .. count), which
+// are the sorted rows first .. first + count: the
 // coefficient of (a - b) in the gradient of each query pixel a (and minus that of its candidate b).
 // Returns the gradient of the padded image (B, C, Hp, Wp).
 template <typename T, typename Weights>
@@ -407,7 +408,7 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
         band.data.assign(C * band.lines * Wp + kernels::kSlack, T(0));
         for (int64_t k0 = start; k0 < stop; k0 += kChunkRows) {
           const int64_t count = std::min(kChunkRows, stop - k0);
-          const at::Tensor w = weights(order.data() + k0, count).contiguous();
+          const at::Tensor w = weights(order.data() + k0, count, k0).contiguous();
           const T* wdata = w.data_ptr<T>();
           for (int64_t r = 0; r < count; ++r) {
             const Pixel q = pixel_at(pos, order[k0 + r]);
@@ -455,6 +456,31 @@ std::pair<at::Tensor, at::Tensor> loss_rows(const at::Tensor& padded_sr, const a
   return {rows_from_distances(ds, p, C), rows_from_distances(dh, p, C)};
 }
 
+// kl_weight * sum(t (log t - log max(S, floor))) + l1_weight * sum|S - H| over a chunk, t = max(H, floor).
+double chunk_loss(const at::Tensor& S, const at::Tensor& H, const LossWeights& lw) {
+  const at::Tensor t = H.clamp_min(kProbFloor);
+  const at::Tensor kl = (t * (t.log() - S.clamp_min(kProbFloor).log())).sum(at::kDouble);
+  const at::Tensor l1 = (S - H).abs().sum(at::kDouble);
+  return lw.kl * kl.item<double>() + lw.l1 * l1.item<double>();
+}
+
+// Scatter weights of the loss: a, b already include the mean, the incoming gradient and scatter_factor().
+// dL/dz_k = a (S_k sum_{j in U} t_j - t_k [k in U]) + b S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}.
+at::Tensor loss_weights(const at::Tensor& S, const at::Tensor& H, double a, double b) {
+  const at::Tensor in_u = S.ge(kProbFloor).to(S.scalar_type());
+  const at::Tensor t_in_u = H.clamp_min(kProbFloor) * in_u;
+  const at::Tensor sgn = (S - H).sign();
+  const at::Tensor kl = S * t_in_u.sum(1, true) - t_in_u;
+  const at::Tensor l1 = S * (sgn - (S * sgn).sum(1, true));
+  return kl * a + l1 * b;
+}
+
+double sum_in_order(const std::vector<double>& values) {
+  double total = 0;
+  for (double v : values) total += v;
+  return total;
+}
+
 }  // namespace
 
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
@@ -483,7 +509,7 @@ at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, c
       (rows * (grad_rows - (grad_rows * rows).sum(1, /*keepdim=*/true)) * scatter_factor(p, C)).contiguous();
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "metaf2n_graph_backward_cpu", [&] {
-    grad_padded = scatter_rows<scalar_t>(padded, positions, p, [&](const int64_t* ids, int64_t count) {
+    grad_padded = scatter_rows<scalar_t>(padded, positions, p, [&](const int64_t* ids, int64_t count, int64_t) {
       return w.index_select(0, at::from_blob(const_cast<int64_t*>(ids), {count}, at::kLong));
     });
   });
@@ -497,20 +523,15 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
   const at::Tensor padded_sr = reflect_pad(sr, p.pad());
   const at::Tensor padded_hr = reflect_pad(hr, p.pad());
   const std::vector<int64_t> ids = identity_ids(N);
-  std::vector<double> chunk_loss((N + kChunkRows - 1) / kChunkRows);
+  std::vector<double> losses((N + kChunkRows - 1) / kChunkRows);
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_forward_cpu", [&] {
     for_each_chunk(ids.data(), N, [&](int64_t k, const int64_t* chunk, int64_t count) {
       const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, positions.data_ptr<int64_t>(), chunk, count, p);
-      const at::Tensor t = H.clamp_min(kProbFloor);
-      const at::Tensor kl = (t * (t.log() - S.clamp_min(kProbFloor).log())).sum(at::kDouble);
-      const at::Tensor l1 = (S - H).abs().sum(at::kDouble);
-      chunk_loss[k] = lw.kl * kl.item<double>() + lw.l1 * l1.item<double>();
+      losses[k] = chunk_loss(S, H, lw);
     });
   });
   // Summed in chunk order so the result does not depend on the thread count.
-  double total = 0;
-  for (double v : chunk_loss) total += v;
-  return at::scalar_tensor(total / (static_cast<double>(N) * K), sr.options());
+  return at::scalar_tensor(sum_in_order(losses) / (static_cast<double>(N) * K), sr.options());
 }
 
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
@@ -524,18 +545,34 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_backward_cpu", [&] {
     const int64_t* pos = positions.data_ptr<int64_t>();
-    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count) {
+    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count, int64_t) {
       const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
-      // dL/dz_k = a (S_k sum_{j in U} t_j - t_k [k in U]) + b S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}.
-      const at::Tensor in_u = S.ge(kProbFloor).to(S.scalar_type());
-      const at::Tensor t_in_u = H.clamp_min(kProbFloor) * in_u;
-      const at::Tensor sgn = (S - H).sign();
-      const at::Tensor kl = S * t_in_u.sum(1, true) - t_in_u;
-      const at::Tensor l1 = S * (sgn - (S * sgn).sum(1, true));
-      return kl * a + l1 * b;
+      return loss_weights(S, H, a, b);
     });
   });
   return unpad_gradient(grad_padded, sr, p.pad());
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& lw) {
+  const int64_t N = positions.size(0), K = p.K(), C = sr.size(1);
+  if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
+  const at::Tensor padded_sr = reflect_pad(sr, p.pad());
+  const at::Tensor padded_hr = reflect_pad(hr, p.pad());
+  const double mean = 1.0 / (static_cast<double>(N) * K);
+  const double a = lw.kl * mean * scatter_factor(p, C), b = lw.l1 * mean * scatter_factor(p, C);
+  std::vector<double> losses(N);  // indexed by the first sorted row of each chunk, so summed in a fixed order
+  at::Tensor grad_padded;
+  AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_with_grad_cpu", [&] {
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count, int64_t first) {
+      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
+      losses[first] = chunk_loss(S, H, lw);
+      return loss_weights(S, H, a, b);
+    });
+  });
+  return {at::scalar_tensor(sum_in_order(losses) * mean, sr.options()), unpad_gradient(grad_padded, sr, p.pad())};
 }
 
 }  // namespace metaf2n::cpu
