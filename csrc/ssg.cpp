@@ -19,6 +19,9 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
                         const GraphParams& p, const LossWeights& w);
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& w);
 }  // namespace cuda
 #endif
 
@@ -182,10 +185,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, cons
   check_positions(positions, sr);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
 #ifdef METAF2N_WITH_CUDA
-  if (sr.is_cuda()) {
-    at::Tensor loss = cuda::loss_forward(sr, hr, pos, p, w);
-    return {loss, cuda::loss_backward(at::ones({}, loss.options()), sr, hr, pos, p, w)};
-  }
+  if (sr.is_cuda()) return cuda::loss_with_grad(sr, hr, pos, p, w);
 #endif
   auto [loss, grad] = cpu::loss_with_grad(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w);
   return {loss.to(sr.scalar_type()), grad.to(sr.scalar_type())};

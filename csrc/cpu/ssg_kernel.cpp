@@ -390,9 +390,9 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
   group_starts.push_back(N);
 
   const int64_t num_groups = static_cast<int64_t>(group_starts.size()) - 1;
+  std::vector<Band<T>> bands(std::min(num_groups, kBandsPerWave));  // reused by every wave: no fresh pages
   for (int64_t first = 0; first < num_groups; first += kBandsPerWave) {
     const int64_t last = std::min(num_groups, first + kBandsPerWave);
-    std::vector<Band<T>> bands(last - first);
     at::parallel_for(first, last, 1, [&](int64_t gbegin, int64_t gend) {
       FlushDenormals flush;
       TileSource<T> source(padded, p);
@@ -422,7 +422,8 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
         }
       }
     });
-    for (const Band<T>& band : bands) {
+    for (int64_t g = first; g < last; ++g) {
+      const Band<T>& band = bands[g - first];
       at::parallel_for(0, C * band.lines, 16, [&](int64_t begin, int64_t end) {
         for (int64_t cl = begin; cl < end; ++cl) {
           const int64_t c = cl / band.lines, line = cl % band.lines;
