@@ -23,7 +23,7 @@ Where this module differs from the official code:
 * the official model draws noise sigma/scale, grey-noise flag and JPEG quality per image
   of the batch; here they are drawn once per task (as the MetaF2N data generator does for
   JPEG quality). Noise *realisations* still differ per image;
-* JPEG is real libjpeg (``torchvision.io``) at an integer quality, round(U[30, 95]),
+* JPEG is real libjpeg (OpenCV's codec, as BasicSR's ``add_jpg_compression``) at an integer quality, round(U[30, 95]),
   instead of BasicSR's DiffJPEG at a float quality; it runs on the CPU;
 * resizes use explicit output sizes ``max(1, floor(H * scale))`` instead of
   ``scale_factor``, so tiny images never collapse to zero pixels;
@@ -38,9 +38,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from metaf2n.kernels import (
     KERNEL_TYPES,
@@ -387,9 +388,13 @@ def jpeg_compress(images: torch.Tensor, quality: int) -> torch.Tensor:
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     as_bytes = (images.clamp(0, 1) * 255.0).round().to(device="cpu", dtype=torch.uint8)
-    encoded = encode_jpeg(list(as_bytes), quality=int(quality))
-    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
-    return torch.stack(decoded).to(device=images.device, dtype=images.dtype) / 255.0
+    decoded = []
+    for image in as_bytes.permute(0, 2, 3, 1).numpy():  # RGB HWC; OpenCV's codec works in BGR order
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise RuntimeError("OpenCV failed to encode a JPEG")
+        decoded.append(torch.from_numpy(np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])))
+    return torch.stack(decoded).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype) / 255.0
 
 
 def usm_sharpen(img: torch.Tensor, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> torch.Tensor:
