@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <cmath>
 #include <numeric>
@@ -193,7 +194,7 @@ namespace {
 
 constexpr int64_t kChunkRows = 32;     // rows whose distances are turned into probabilities together
 constexpr int64_t kBandLines = 8;      // image lines per backward band
-constexpr int64_t kBandsPerWave = 16;  // bands whose buffers are alive at once
+constexpr int64_t kBandsPerWave = 64;  // bands whose buffers are alive at once
 
 // Far-away offsets have probabilities like exp(-100); their products with gradient terms fall below float's normal
 // range, where x86 arithmetic is tens of times slower. Inside our loops such values are flushed to zero (FTZ/DAZ),
@@ -393,12 +394,14 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
   std::vector<Band<T>> bands(std::min(num_groups, kBandsPerWave));  // reused by every wave: no fresh pages
   for (int64_t first = 0; first < num_groups; first += kBandsPerWave) {
     const int64_t last = std::min(num_groups, first + kBandsPerWave);
-    at::parallel_for(first, last, 1, [&](int64_t gbegin, int64_t gend) {
+    // Bands hold very different numbers of rows: threads take them one at a time from a shared counter.
+    std::atomic<int64_t> next{first};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), last - first), 1, [&](int64_t, int64_t) {
       FlushDenormals flush;
       TileSource<T> source(padded, p);
       GradSink<T> sink(C, Wp, p);
       std::vector<T> scratch(kernels::scatter_scratch_size(static_cast<int>(p.s()), static_cast<int>(p.f())));
-      for (int64_t g = gbegin; g < gend; ++g) {
+      for (int64_t g = next++; g < last; g = next++) {
         const int64_t start = group_starts[g], stop = group_starts[g + 1];
         const Pixel lo = pixel_at(pos, order[start]), hi = pixel_at(pos, order[stop - 1]);
         Band<T>& band = bands[g - first];
