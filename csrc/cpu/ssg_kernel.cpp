@@ -65,10 +65,16 @@ METAF2N_INLINE void store(T* p, Vec<T> v) {
 
 inline int blocks(int n) { return (n + kLanes - 1) / kLanes; }
 
+// PT is the patch width when known at compile time (the common sizes, loops unrolled), 0 otherwise.
+template <int PT>
+constexpr int patch_width(int f) {
+  return PT > 0 ? PT : 2 * f + 1;
+}
+
 // G neighbouring blocks of offsets at once: G independent accumulator chains keep the adder pipeline full.
-template <int G, typename T>
+template <int G, int PT, typename T>
 METAF2N_INLINE void distance_blocks(const T* plane, int64_t ls, int s, int f, int dy, int i0, int n, T* out) {
-  const int P = 2 * f + 1;
+  const int P = patch_width<PT>(f);
   Vec<T> acc[G] = {};
   for (int jy = -f; jy <= f; ++jy) {
     const T* a = plane + jy * ls - f;
@@ -87,7 +93,7 @@ METAF2N_INLINE void distance_blocks(const T* plane, int64_t ls, int s, int f, in
 }
 
 // d2[(dy+s)*n + (dx+s)] = sum over c, j of (x(centre + j) - x(centre + (dy,dx) + j))^2, n = 2s + 1.
-template <typename T>
+template <int PT, typename T>
 METAF2N_INLINE void distances_impl(const T* centre, int64_t cs, int64_t ls, int C, int s, int f, T* d2) {
   const int n = 2 * s + 1;
   std::fill(d2, d2 + n * n, T(0));
@@ -96,11 +102,13 @@ METAF2N_INLINE void distances_impl(const T* centre, int64_t cs, int64_t ls, int 
     for (int dy = -s; dy <= s; ++dy) {
       T* out = d2 + (dy + s) * n;
       int i0 = 0;
-      for (; i0 + 4 * kLanes <= blocks(n) * kLanes; i0 += 4 * kLanes) distance_blocks<4>(plane, ls, s, f, dy, i0, n, out);
+      for (; i0 + 4 * kLanes <= blocks(n) * kLanes; i0 += 4 * kLanes) {
+        distance_blocks<4, PT>(plane, ls, s, f, dy, i0, n, out);
+      }
       switch (blocks(n) - i0 / kLanes) {
-        case 3: distance_blocks<3>(plane, ls, s, f, dy, i0, n, out); break;
-        case 2: distance_blocks<2>(plane, ls, s, f, dy, i0, n, out); break;
-        case 1: distance_blocks<1>(plane, ls, s, f, dy, i0, n, out); break;
+        case 3: distance_blocks<3, PT>(plane, ls, s, f, dy, i0, n, out); break;
+        case 2: distance_blocks<2, PT>(plane, ls, s, f, dy, i0, n, out); break;
+        case 1: distance_blocks<1, PT>(plane, ls, s, f, dy, i0, n, out); break;
         default: break;
       }
     }
@@ -114,8 +122,9 @@ inline int64_t scatter_scratch_size(int s, int f) {
 }
 
 // Candidate-pixel gradient of one tile line, G blocks of kLanes columns from column v0.
-template <int G, typename T>
-METAF2N_INLINE void candidate_blocks(const T* a, const T* b, T* gb, const T* wrow, int P, int v0) {
+template <int G, int PT, typename T>
+METAF2N_INLINE void candidate_blocks(const T* a, const T* b, T* gb, const T* wrow, int f, int v0) {
+  const int P = patch_width<PT>(f);
   Vec<T> bv[G], acc[G] = {};
   for (int g = 0; g < G; ++g) bv[g] = load(b + v0 + g * kLanes);
   for (int jx = 0; jx < P; ++jx) {
@@ -128,11 +137,11 @@ METAF2N_INLINE void candidate_blocks(const T* a, const T* b, T* gb, const T* wro
 // Adds w[k] * (a - b) to the gradient of every query pixel a and subtracts it from its candidate pixel b.
 // Candidate pixels are visited kLanes columns at a time, each gathering its terms from the weights shifted by
 // the patch column, so no vector store ever overlaps the next load.
-template <typename T>
+template <int PT, typename T>
 METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gcentre, int64_t gcs, int64_t gls,
                                  int C, int s, int f, const T* w, T* scratch) {
   const int n = 2 * s + 1;
-  const int P = 2 * f + 1;
+  const int P = patch_width<PT>(f);
   const int columns = n + P - 1;            // candidate pixels per tile line
   const int lead = P - 1;                   // zeros before each weight row
   const int row = lead + blocks(columns) * kLanes;
@@ -144,17 +153,19 @@ METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gce
     T* gplane = gcentre + c * gcs;
     for (int jy = -f; jy <= f; ++jy) {
       const T* a = plane + jy * ls - f;
-      Vec<T> gquery[32] = {};  // P <= 32 is checked by the caller
+      Vec<T> gquery[PT > 0 ? PT : 32] = {};  // P <= 31 is checked by make_params()
       for (int dy = -s; dy <= s; ++dy) {
         const T* b = plane + (jy + dy) * ls - s - f;
         T* gb = gplane + (jy + dy) * gls - s - f;
         const T* wrow = scratch + (dy + s) * row + lead;  // wrow[dx + s], zero outside [0, n)
         int v0 = 0;
-        for (; v0 + 4 * kLanes <= blocks(columns) * kLanes; v0 += 4 * kLanes) candidate_blocks<4>(a, b, gb, wrow, P, v0);
+        for (; v0 + 4 * kLanes <= blocks(columns) * kLanes; v0 += 4 * kLanes) {
+          candidate_blocks<4, PT>(a, b, gb, wrow, f, v0);
+        }
         switch (blocks(columns) - v0 / kLanes) {
-          case 3: candidate_blocks<3>(a, b, gb, wrow, P, v0); break;
-          case 2: candidate_blocks<2>(a, b, gb, wrow, P, v0); break;
-          case 1: candidate_blocks<1>(a, b, gb, wrow, P, v0); break;
+          case 3: candidate_blocks<3, PT>(a, b, gb, wrow, f, v0); break;
+          case 2: candidate_blocks<2, PT>(a, b, gb, wrow, f, v0); break;
+          case 1: candidate_blocks<1, PT>(a, b, gb, wrow, f, v0); break;
           default: break;
         }
         for (int i0 = 0; i0 < n; i0 += kLanes) {
@@ -172,20 +183,44 @@ METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gce
   }
 }
 
+// Patch widths 3..9 get bodies with the width as a constant; the rest share the generic body.
+template <typename T>
+METAF2N_INLINE void distances_any(const T* centre, int64_t cs, int64_t ls, int C, int s, int f, T* d2) {
+  switch (2 * f + 1) {
+    case 3: distances_impl<3>(centre, cs, ls, C, s, f, d2); break;
+    case 5: distances_impl<5>(centre, cs, ls, C, s, f, d2); break;
+    case 7: distances_impl<7>(centre, cs, ls, C, s, f, d2); break;
+    case 9: distances_impl<9>(centre, cs, ls, C, s, f, d2); break;
+    default: distances_impl<0>(centre, cs, ls, C, s, f, d2); break;
+  }
+}
+
+template <typename T>
+METAF2N_INLINE void scatter_any(const T* centre, int64_t cs, int64_t ls, T* gcentre, int64_t gcs, int64_t gls, int C,
+                                int s, int f, const T* w, T* scratch) {
+  switch (2 * f + 1) {
+    case 3: scatter_impl<3>(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch); break;
+    case 5: scatter_impl<5>(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch); break;
+    case 7: scatter_impl<7>(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch); break;
+    case 9: scatter_impl<9>(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch); break;
+    default: scatter_impl<0>(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch); break;
+  }
+}
+
 METAF2N_MULTIVERSION void distances(const float* centre, int64_t cs, int64_t ls, int C, int s, int f, float* d2) {
-  distances_impl(centre, cs, ls, C, s, f, d2);
+  distances_any(centre, cs, ls, C, s, f, d2);
 }
 METAF2N_MULTIVERSION void distances(const double* centre, int64_t cs, int64_t ls, int C, int s, int f,
                                     double* d2) {
-  distances_impl(centre, cs, ls, C, s, f, d2);
+  distances_any(centre, cs, ls, C, s, f, d2);
 }
 METAF2N_MULTIVERSION void scatter(const float* centre, int64_t cs, int64_t ls, float* gcentre, int64_t gcs,
                                   int64_t gls, int C, int s, int f, const float* w, float* scratch) {
-  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
+  scatter_any(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
 }
 METAF2N_MULTIVERSION void scatter(const double* centre, int64_t cs, int64_t ls, double* gcentre, int64_t gcs,
                                   int64_t gls, int C, int s, int f, const double* w, double* scratch) {
-  scatter_impl(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
+  scatter_any(centre, cs, ls, gcentre, gcs, gls, C, s, f, w, scratch);
 }
 
 }  // namespace kernels
