@@ -10,20 +10,6 @@
 
 namespace metaf2n {
 
-#ifdef METAF2N_WITH_CUDA
-namespace cuda {
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
-at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p);
-at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& w);
-at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
-std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
-                                                  const at::Tensor& positions, const GraphParams& p,
-                                                  const LossWeights& w);
-}  // namespace cuda
-#endif
 
 GraphParams make_params(int64_t search, int64_t patch, double h, std::string_view padding) {
   TORCH_CHECK_VALUE(search >= 1 && search % 2 == 1, "search must be a positive odd window size, got ", search);
@@ -140,14 +126,26 @@ at::Tensor similarity_graph_backward(const at::Tensor& grad_rows, const at::Tens
       .to(image.scalar_type());
 }
 
-at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
-                    int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding) {
-  const GraphParams p = make_params(search, patch, h, view(padding));
-  const LossWeights w = make_weights(kl_weight, l1_weight);
-  check_image(sr, "sr", p);
+// The checked arguments of the loss ops.
+struct LossCall {
+  GraphParams p;
+  LossWeights w;
+  at::Tensor pos;  // int64, contiguous
+};
+
+LossCall check_loss_args(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
+                         int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding) {
+  LossCall call{make_params(search, patch, h, view(padding)), make_weights(kl_weight, l1_weight), at::Tensor()};
+  check_image(sr, "sr", call.p);
   check_same_image(sr, "sr", hr, "hr");
   check_positions(positions, sr);
-  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  call.pos = positions.to(at::kLong).contiguous();
+  return call;
+}
+
+at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
+                    int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding) {
+  const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
 #ifdef METAF2N_WITH_CUDA
   if (sr.is_cuda()) return cuda::loss_forward(sr, hr, pos, p, w);
 #endif
@@ -157,15 +155,10 @@ at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor
 at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                              const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl_weight,
                              double l1_weight, c10::string_view padding) {
-  const GraphParams p = make_params(search, patch, h, view(padding));
-  const LossWeights w = make_weights(kl_weight, l1_weight);
-  check_image(sr, "sr", p);
-  check_same_image(sr, "sr", hr, "hr");
-  check_positions(positions, sr);
+  const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got shape ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == sr.device(), "grad must be on sr's device ", sr.device(), ", got ",
                     grad.device());
-  const at::Tensor pos = positions.to(at::kLong).contiguous();
 #ifdef METAF2N_WITH_CUDA
   if (sr.is_cuda()) return cuda::loss_backward(grad, sr, hr, pos, p, w);
 #endif
@@ -178,12 +171,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, cons
                                                       const at::Tensor& positions, int64_t search, int64_t patch,
                                                       double h, double kl_weight, double l1_weight,
                                                       c10::string_view padding) {
-  const GraphParams p = make_params(search, patch, h, view(padding));
-  const LossWeights w = make_weights(kl_weight, l1_weight);
-  check_image(sr, "sr", p);
-  check_same_image(sr, "sr", hr, "hr");
-  check_positions(positions, sr);
-  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
 #ifdef METAF2N_WITH_CUDA
   if (sr.is_cuda()) return cuda::loss_with_grad(sr, hr, pos, p, w);
 #endif

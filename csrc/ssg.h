@@ -57,6 +57,21 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
                                                   const LossWeights& w);
 }  // namespace cpu
 
+#ifdef METAF2N_WITH_CUDA
+namespace cuda {  // the same entry points on CUDA tensors (csrc/cuda/ssg_kernel.cu)
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p);
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& w);
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& w);
+}  // namespace cuda
+#endif
+
 // Clamp applied to both graphs inside the KL term, as in the published SSL code.
 constexpr double kProbFloor = 1e-10;
 
