@@ -2,7 +2,7 @@
 //
 // Every masked pixel ("row") reads a tile of radius R = s + f around itself: straight from the reflect-padded image
 // ("image" padding) or from a copy of its (2s+1)^2 window with a zero border of f ("window" padding). The distances
-// d2[k] of its K = (2s+1)^2 candidate patches are accumulated offset-row by offset-row in blocks of kLanes
+// d2[k] of its K = (2s+1)^2 candidate patches are accumulated offset-row by offset-row in blocks of lanes<T>
 // neighbouring offsets, which the compiler keeps in one SIMD register while it walks the patch.
 //
 // Backward passes scatter into band buffers: rows are sorted by (b, y, x) and grouped by kBandLines image lines,
@@ -19,6 +19,7 @@
 #include <cstring>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -29,11 +30,13 @@ namespace metaf2n::cpu {
 
 namespace kernels {
 
-// Offsets are processed kLanes at a time in one vector (GCC/Clang vector extensions: one AVX2 register for
-// float, two for double). Reads may run up to kLanes - 1 values past the end of a tile line, so every buffer a
+// Offsets are processed lanes<T> at a time in one vector (GCC/Clang vector extensions; one AVX2 register: 8 floats
+// or 4 doubles). Reads may run up to lanes<T> - 1 values past the end of a tile line, so every buffer a
 // tile points into has kSlack spare values at its end; lanes past the window are computed and discarded.
-constexpr int kLanes = 8;
-constexpr int64_t kSlack = 2 * kLanes;
+constexpr int kVectorBytes = 32;
+template <typename T>
+constexpr int lanes = kVectorBytes / sizeof(T);
+constexpr int64_t kSlack = 16;  // elements, >= lanes<float> - 1
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One AVX2/FMA clone and one baseline clone, picked at load time.
@@ -46,7 +49,7 @@ constexpr int64_t kSlack = 2 * kLanes;
 
 template <typename T>
 struct VecOf {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
@@ -63,7 +66,8 @@ METAF2N_INLINE void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-inline int blocks(int n) { return (n + kLanes - 1) / kLanes; }
+template <typename T>
+inline int blocks(int n) { return (n + lanes<T> - 1) / lanes<T>; }
 
 // PT is the patch width when known at compile time (the common sizes, loops unrolled), 0 otherwise.
 template <int PT>
@@ -81,14 +85,14 @@ METAF2N_INLINE void distance_blocks(const T* plane, int64_t ls, int s, int f, in
     const T* b = plane + (jy + dy) * ls - s - f + i0;
     for (int jx = 0; jx < P; ++jx) {
       for (int g = 0; g < G; ++g) {
-        const Vec<T> d = a[jx] - load(b + jx + g * kLanes);
+        const Vec<T> d = a[jx] - load(b + jx + g * lanes<T>);
         acc[g] += d * d;
       }
     }
   }
   for (int g = 0; g < G; ++g) {
-    const int valid = std::min(kLanes, n - i0 - g * kLanes);
-    for (int l = 0; l < valid; ++l) out[i0 + g * kLanes + l] += acc[g][l];
+    const int valid = std::min(lanes<T>, n - i0 - g * lanes<T>);
+    for (int l = 0; l < valid; ++l) out[i0 + g * lanes<T> + l] += acc[g][l];
   }
 }
 
@@ -102,10 +106,10 @@ METAF2N_INLINE void distances_impl(const T* centre, int64_t cs, int64_t ls, int 
     for (int dy = -s; dy <= s; ++dy) {
       T* out = d2 + (dy + s) * n;
       int i0 = 0;
-      for (; i0 + 4 * kLanes <= blocks(n) * kLanes; i0 += 4 * kLanes) {
+      for (; i0 + 4 * lanes<T> <= blocks<T>(n) * lanes<T>; i0 += 4 * lanes<T>) {
         distance_blocks<4, PT>(plane, ls, s, f, dy, i0, n, out);
       }
-      switch (blocks(n) - i0 / kLanes) {
+      switch (blocks<T>(n) - i0 / lanes<T>) {
         case 3: distance_blocks<3, PT>(plane, ls, s, f, dy, i0, n, out); break;
         case 2: distance_blocks<2, PT>(plane, ls, s, f, dy, i0, n, out); break;
         case 1: distance_blocks<1, PT>(plane, ls, s, f, dy, i0, n, out); break;
@@ -116,26 +120,27 @@ METAF2N_INLINE void distances_impl(const T* centre, int64_t cs, int64_t ls, int 
 }
 
 // Scratch for scatter(): zero-bordered copies of the weight rows.
+template <typename T>
 inline int64_t scatter_scratch_size(int s, int f) {
   const int n = 2 * s + 1, P = 2 * f + 1;
-  return static_cast<int64_t>(n) * (P - 1 + blocks(n + P - 1) * kLanes);
+  return static_cast<int64_t>(n) * (P - 1 + blocks<T>(n + P - 1) * lanes<T>);
 }
 
-// Candidate-pixel gradient of one tile line, G blocks of kLanes columns from column v0.
+// Candidate-pixel gradient of one tile line, G blocks of lanes<T> columns from column v0.
 template <int G, int PT, typename T>
 METAF2N_INLINE void candidate_blocks(const T* a, const T* b, T* gb, const T* wrow, int f, int v0) {
   const int P = patch_width<PT>(f);
   Vec<T> bv[G], acc[G] = {};
-  for (int g = 0; g < G; ++g) bv[g] = load(b + v0 + g * kLanes);
+  for (int g = 0; g < G; ++g) bv[g] = load(b + v0 + g * lanes<T>);
   for (int jx = 0; jx < P; ++jx) {
-    for (int g = 0; g < G; ++g) acc[g] += load(wrow + v0 + g * kLanes - jx) * (a[jx] - bv[g]);
+    for (int g = 0; g < G; ++g) acc[g] += load(wrow + v0 + g * lanes<T> - jx) * (a[jx] - bv[g]);
   }
   // Lanes past the last column have zero weight: they add 0 to the gradient buffer's slack or next line.
-  for (int g = 0; g < G; ++g) store(gb + v0 + g * kLanes, load(gb + v0 + g * kLanes) - acc[g]);
+  for (int g = 0; g < G; ++g) store(gb + v0 + g * lanes<T>, load(gb + v0 + g * lanes<T>) - acc[g]);
 }
 
 // Adds w[k] * (a - b) to the gradient of every query pixel a and subtracts it from its candidate pixel b.
-// Candidate pixels are visited kLanes columns at a time, each gathering its terms from the weights shifted by
+// Candidate pixels are visited lanes<T> columns at a time, each gathering its terms from the weights shifted by
 // the patch column, so no vector store ever overlaps the next load.
 template <int PT, typename T>
 METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gcentre, int64_t gcs, int64_t gls,
@@ -144,7 +149,7 @@ METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gce
   const int P = patch_width<PT>(f);
   const int columns = n + P - 1;            // candidate pixels per tile line
   const int lead = P - 1;                   // zeros before each weight row
-  const int row = lead + blocks(columns) * kLanes;
+  const int row = lead + blocks<T>(columns) * lanes<T>;
   std::fill(scratch, scratch + n * row, T(0));
   for (int dy = 0; dy < n; ++dy) std::copy(w + dy * n, w + (dy + 1) * n, scratch + dy * row + lead);
 
@@ -153,22 +158,27 @@ METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gce
     T* gplane = gcentre + c * gcs;
     for (int jy = -f; jy <= f; ++jy) {
       const T* a = plane + jy * ls - f;
-      Vec<T> gquery[PT > 0 ? PT : 32] = {};  // P <= 31 is checked by make_params()
       for (int dy = -s; dy <= s; ++dy) {
         const T* b = plane + (jy + dy) * ls - s - f;
         T* gb = gplane + (jy + dy) * gls - s - f;
         const T* wrow = scratch + (dy + s) * row + lead;  // wrow[dx + s], zero outside [0, n)
         int v0 = 0;
-        for (; v0 + 4 * kLanes <= blocks(columns) * kLanes; v0 += 4 * kLanes) {
+        for (; v0 + 4 * lanes<T> <= blocks<T>(columns) * lanes<T>; v0 += 4 * lanes<T>) {
           candidate_blocks<4, PT>(a, b, gb, wrow, f, v0);
         }
-        switch (blocks(columns) - v0 / kLanes) {
+        switch (blocks<T>(columns) - v0 / lanes<T>) {
           case 3: candidate_blocks<3, PT>(a, b, gb, wrow, f, v0); break;
           case 2: candidate_blocks<2, PT>(a, b, gb, wrow, f, v0); break;
           case 1: candidate_blocks<1, PT>(a, b, gb, wrow, f, v0); break;
           default: break;
         }
-        for (int i0 = 0; i0 < n; i0 += kLanes) {
+      }
+      // A separate pass, so the P query accumulators never compete for registers with the candidate blocks.
+      Vec<T> gquery[PT > 0 ? PT : 32] = {};  // P <= 31 is checked by make_params()
+      for (int dy = -s; dy <= s; ++dy) {
+        const T* b = plane + (jy + dy) * ls - s - f;
+        const T* wrow = scratch + (dy + s) * row + lead;
+        for (int i0 = 0; i0 < n; i0 += lanes<T>) {
           const Vec<T> wv = load(wrow + i0);
           for (int jx = 0; jx < P; ++jx) gquery[jx] += wv * (a[jx] - load(b + i0 + jx));
         }
@@ -176,10 +186,54 @@ METAF2N_INLINE void scatter_impl(const T* centre, int64_t cs, int64_t ls, T* gce
       T* ga = gplane + jy * gls - f;
       for (int jx = 0; jx < P; ++jx) {
         T sum = 0;
-        for (int l = 0; l < kLanes; ++l) sum += gquery[jx][l];
+        for (int l = 0; l < lanes<T>; ++l) sum += gquery[jx][l];
         ga[jx] += sum;
       }
     }
+  }
+}
+
+// exp(x) of 8 floats for x <= 0: Cody-Waite reduction to |r| <= ln2/2 and a degree-6 polynomial (about 1 ulp);
+// results below float's normal range are 0, as under flush-to-zero. NaN stays NaN.
+METAF2N_INLINE Vec<float> exp_nonpositive(Vec<float> x) {
+  typedef int32_t VecInt __attribute__((vector_size(kVectorBytes)));
+  const Vec<float> zero = {};
+  const Vec<float> clamped = x < -87.0f ? zero - 87.0f : x;
+  const Vec<float> n = (clamped * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const Vec<float> r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  Vec<float> poly = r * (1.0f / 720) + 1.0f / 120;
+  poly = poly * r + 1.0f / 24;
+  poly = poly * r + 1.0f / 6;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const VecInt bits = (__builtin_convertvector(n, VecInt) + 127) << 23;  // 2^n
+  Vec<float> power;
+  std::memcpy(&power, &bits, sizeof(power));
+  return x < -87.0f ? zero : poly * power;
+}
+
+// One graph row from its distances: z = -d2 * scale, prob = softmax(z), logp = z - log(sum exp z).
+template <typename T>
+METAF2N_INLINE void log_softmax_impl(const T* d2, int K, T scale, T* logp, T* prob) {
+  int k = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; k + lanes<T> <= K; k += lanes<T>) {
+      const Vec<T> z = load(d2 + k) * -scale;
+      store(logp + k, z);
+      store(prob + k, exp_nonpositive(z));
+    }
+  }
+  for (; k < K; ++k) {
+    logp[k] = -d2[k] * scale;
+    prob[k] = std::exp(logp[k]);
+  }
+  T sum = 0;
+  for (k = 0; k < K; ++k) sum += prob[k];
+  const T log_sum = std::log(sum), inv_sum = T(1) / sum;
+  for (k = 0; k < K; ++k) {
+    logp[k] -= log_sum;
+    prob[k] *= inv_sum;
   }
 }
 
@@ -207,6 +261,12 @@ METAF2N_INLINE void scatter_any(const T* centre, int64_t cs, int64_t ls, T* gcen
   }
 }
 
+METAF2N_MULTIVERSION void log_softmax(const float* d2, int K, float scale, float* logp, float* prob) {
+  log_softmax_impl(d2, K, scale, logp, prob);
+}
+METAF2N_MULTIVERSION void log_softmax(const double* d2, int K, double scale, double* logp, double* prob) {
+  log_softmax_impl(d2, K, scale, logp, prob);
+}
 METAF2N_MULTIVERSION void distances(const float* centre, int64_t cs, int64_t ls, int C, int s, int f, float* d2) {
   distances_any(centre, cs, ls, C, s, f, d2);
 }
@@ -394,8 +454,8 @@ class GradSink {
   int64_t band_cs_ = 0;
 };
 
-// Backward driver. weights(ids, count, first) returns the (count, K) scatter weights of rows ids[0 .. count), which
-// are the sorted rows first .. first + count: the
+// Backward driver. weights(ids, count, first, w) writes the (count, K) scatter weights w of rows ids[0 .. count),
+// which are the sorted rows first .. first + count: the
 // coefficient of (a - b) in the gradient of each query pixel a (and minus that of its candidate b).
 // Returns the gradient of the padded image (B, C, Hp, Wp).
 template <typename T, typename Weights>
@@ -435,7 +495,8 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
       FlushDenormals flush;
       TileSource<T> source(padded, p);
       GradSink<T> sink(C, Wp, p);
-      std::vector<T> scratch(kernels::scatter_scratch_size(static_cast<int>(p.s()), static_cast<int>(p.f())));
+      std::vector<T> scratch(kernels::scatter_scratch_size<T>(static_cast<int>(p.s()), static_cast<int>(p.f())));
+      std::vector<T> w(kChunkRows * K);
       for (int64_t g = next++; g < last; g = next++) {
         const int64_t start = group_starts[g], stop = group_starts[g + 1];
         const Pixel lo = pixel_at(pos, order[start]), hi = pixel_at(pos, order[stop - 1]);
@@ -446,8 +507,8 @@ at::Tensor scatter_rows(const at::Tensor& padded, const at::Tensor& positions, c
         band.data.assign(C * band.lines * Wp + kernels::kSlack, T(0));
         for (int64_t k0 = start; k0 < stop; k0 += kChunkRows) {
           const int64_t count = std::min(kChunkRows, stop - k0);
-          const at::Tensor w = weights(order.data() + k0, count, k0).contiguous();
-          const T* wdata = w.data_ptr<T>();
+          weights(order.data() + k0, count, k0, w.data());
+          const T* wdata = w.data();
           for (int64_t r = 0; r < count; ++r) {
             const Pixel q = pixel_at(pos, order[k0 + r]);
             const Tile<T> tile = source.tile(q);
@@ -481,37 +542,78 @@ std::vector<int64_t> identity_ids(int64_t N) {
   return ids;
 }
 
-// The two graphs of a chunk of rows: S from sr, H from hr, each (count, K).
+// The two graphs of a chunk of rows, (count, K) each, with their log-probabilities: S, logS from sr; H, logH from hr.
 template <typename T>
-std::pair<at::Tensor, at::Tensor> loss_rows(const at::Tensor& padded_sr, const at::Tensor& padded_hr,
-                                            const int64_t* pos, const int64_t* ids, int64_t count,
-                                            const GraphParams& p) {
-  const int64_t C = padded_sr.size(1);
+struct LossRows {
+  int64_t count, K;
+  std::vector<T> S, logS, H, logH;
+};
+
+// Fills the calling thread's LossRows, whose buffers live as long as the thread: chunk-sized allocations freed
+// and taken again for every chunk would keep handing pages back to the system and faulting them in again.
+template <typename T>
+const LossRows<T>& loss_rows(const at::Tensor& padded_sr, const at::Tensor& padded_hr, const int64_t* pos,
+                             const int64_t* ids, int64_t count, const GraphParams& p) {
+  const int64_t C = padded_sr.size(1), K = p.K();
+  const auto scale = static_cast<T>(1.0 / (p.h * C * p.patch * p.patch));
   TileSource<T> sr_source(padded_sr, p), hr_source(padded_hr, p);
-  at::Tensor ds = at::empty({count, p.K()}, padded_sr.options());
-  at::Tensor dh = at::empty({count, p.K()}, padded_sr.options());
-  row_distances(sr_source, pos, ids, count, p, C, ds.data_ptr<T>());
-  row_distances(hr_source, pos, ids, count, p, C, dh.data_ptr<T>());
-  return {rows_from_distances(ds, p, C), rows_from_distances(dh, p, C)};
+  thread_local LossRows<T> rows;
+  thread_local std::vector<T> d2;
+  rows.count = count;
+  rows.K = K;
+  for (std::vector<T>* v : {&rows.S, &rows.logS, &rows.H, &rows.logH, &d2}) v->resize(count * K);
+  row_distances(sr_source, pos, ids, count, p, C, d2.data());
+  for (int64_t r = 0; r < count; ++r) {
+    kernels::log_softmax(d2.data() + r * K, static_cast<int>(K), scale, rows.logS.data() + r * K,
+                         rows.S.data() + r * K);
+  }
+  row_distances(hr_source, pos, ids, count, p, C, d2.data());
+  for (int64_t r = 0; r < count; ++r) {
+    kernels::log_softmax(d2.data() + r * K, static_cast<int>(K), scale, rows.logH.data() + r * K,
+                         rows.H.data() + r * K);
+  }
+  return rows;
 }
 
-// kl_weight * sum(t (log t - log max(S, floor))) + l1_weight * sum|S - H| over a chunk, t = max(H, floor).
-double chunk_loss(const at::Tensor& S, const at::Tensor& H, const LossWeights& lw) {
-  const at::Tensor t = H.clamp_min(kProbFloor);
-  const at::Tensor kl = (t * (t.log() - S.clamp_min(kProbFloor).log())).sum(at::kDouble);
-  const at::Tensor l1 = (S - H).abs().sum(at::kDouble);
-  return lw.kl * kl.item<double>() + lw.l1 * l1.item<double>();
+// kl_weight * sum(t (log t - log max(S, floor))) + l1_weight * sum|S - H| over a chunk, t = max(H, floor);
+// log max(S, floor) = max(log S, log floor) needs no logarithm per entry.
+template <typename T>
+double chunk_loss(const LossRows<T>& rows, const LossWeights& lw) {
+  const T floor = static_cast<T>(kProbFloor), log_floor = static_cast<T>(std::log(kProbFloor));
+  double kl = 0, l1 = 0;
+  for (int64_t r = 0; r < rows.count; ++r) {
+    T row_kl = 0, row_l1 = 0;
+    for (int64_t k = r * rows.K; k < (r + 1) * rows.K; ++k) {
+      const T t = std::max(rows.H[k], floor);
+      row_kl += t * (std::max(rows.logH[k], log_floor) - std::max(rows.logS[k], log_floor));
+      row_l1 += std::abs(rows.S[k] - rows.H[k]);
+    }
+    kl += row_kl;
+    l1 += row_l1;
+  }
+  return lw.kl * kl + lw.l1 * l1;
 }
 
 // Scatter weights of the loss: a, b already include the mean, the incoming gradient and scatter_factor().
 // dL/dz_k = a (S_k sum_{j in U} t_j - t_k [k in U]) + b S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}.
-at::Tensor loss_weights(const at::Tensor& S, const at::Tensor& H, double a, double b) {
-  const at::Tensor in_u = S.ge(kProbFloor).to(S.scalar_type());
-  const at::Tensor t_in_u = H.clamp_min(kProbFloor) * in_u;
-  const at::Tensor sgn = (S - H).sign();
-  const at::Tensor kl = S * t_in_u.sum(1, true) - t_in_u;
-  const at::Tensor l1 = S * (sgn - (S * sgn).sum(1, true));
-  return kl * a + l1 * b;
+template <typename T>
+void loss_weights(const LossRows<T>& rows, double a, double b, T* out) {
+  const T floor = static_cast<T>(kProbFloor);
+  for (int64_t r = 0; r < rows.count; ++r) {
+    const T* S = rows.S.data() + r * rows.K;
+    const T* H = rows.H.data() + r * rows.K;
+    T sum_t_in_u = 0, sum_s_sgn = 0;
+    for (int64_t k = 0; k < rows.K; ++k) {
+      if (S[k] >= floor) sum_t_in_u += std::max(H[k], floor);
+      sum_s_sgn += S[k] * static_cast<T>((S[k] > H[k]) - (S[k] < H[k]));
+    }
+    for (int64_t k = 0; k < rows.K; ++k) {
+      const T t_in_u = S[k] >= floor ? std::max(H[k], floor) : T(0);
+      const T sgn = static_cast<T>((S[k] > H[k]) - (S[k] < H[k]));
+      out[r * rows.K + k] = static_cast<T>(a) * (S[k] * sum_t_in_u - t_in_u) +
+                            static_cast<T>(b) * S[k] * (sgn - sum_s_sgn);
+    }
+  }
 }
 
 double sum_in_order(const std::vector<double>& values) {
@@ -548,8 +650,11 @@ at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, c
       (rows * (grad_rows - (grad_rows * rows).sum(1, /*keepdim=*/true)) * scatter_factor(p, C)).contiguous();
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "metaf2n_graph_backward_cpu", [&] {
-    grad_padded = scatter_rows<scalar_t>(padded, positions, p, [&](const int64_t* ids, int64_t count, int64_t) {
-      return w.index_select(0, at::from_blob(const_cast<int64_t*>(ids), {count}, at::kLong));
+    const scalar_t* all = w.data_ptr<scalar_t>();
+    const int64_t K = p.K();
+    grad_padded = scatter_rows<scalar_t>(padded, positions, p,
+                                         [&](const int64_t* ids, int64_t count, int64_t, scalar_t* out) {
+      for (int64_t r = 0; r < count; ++r) std::copy(all + ids[r] * K, all + (ids[r] + 1) * K, out + r * K);
     });
   });
   return unpad_gradient(grad_padded, image, p.pad());
@@ -565,8 +670,7 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
   std::vector<double> losses((N + kChunkRows - 1) / kChunkRows);
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_forward_cpu", [&] {
     for_each_chunk(ids.data(), N, [&](int64_t k, const int64_t* chunk, int64_t count) {
-      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, positions.data_ptr<int64_t>(), chunk, count, p);
-      losses[k] = chunk_loss(S, H, lw);
+      losses[k] = chunk_loss(loss_rows<scalar_t>(padded_sr, padded_hr, positions.data_ptr<int64_t>(), chunk, count, p), lw);
     });
   });
   // Summed in chunk order so the result does not depend on the thread count.
@@ -584,9 +688,9 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_backward_cpu", [&] {
     const int64_t* pos = positions.data_ptr<int64_t>();
-    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count, int64_t) {
-      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
-      return loss_weights(S, H, a, b);
+    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p,
+                                         [&](const int64_t* ids, int64_t count, int64_t, scalar_t* w) {
+      loss_weights(loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p), a, b, w);
     });
   });
   return unpad_gradient(grad_padded, sr, p.pad());
@@ -605,10 +709,11 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_loss_with_grad_cpu", [&] {
     const int64_t* pos = positions.data_ptr<int64_t>();
-    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p, [&](const int64_t* ids, int64_t count, int64_t first) {
-      const auto [S, H] = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
-      losses[first] = chunk_loss(S, H, lw);
-      return loss_weights(S, H, a, b);
+    grad_padded = scatter_rows<scalar_t>(padded_sr, positions, p,
+                                         [&](const int64_t* ids, int64_t count, int64_t first, scalar_t* w) {
+      const LossRows<scalar_t>& rows = loss_rows<scalar_t>(padded_sr, padded_hr, pos, ids, count, p);
+      losses[first] = chunk_loss(rows, lw);
+      loss_weights(rows, a, b, w);
     });
   });
   return {at::scalar_tensor(sum_in_order(losses) * mean, sr.options()), unpad_gradient(grad_padded, sr, p.pad())};
