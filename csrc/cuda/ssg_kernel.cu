@@ -417,7 +417,8 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
     }
     block_sum2(ssr, shr, red);
     const acc_t isr = acc_t(1) / ssr, ihr = acc_t(1) / shr;
-    if constexpr (kMode == kLossForward) {
+    // This row's kl * KL + l1 * L1 term into a.partial (NaN for an out-of-range row); the whole block takes part.
+    const auto write_row_loss = [&]() {
       acc_t lp = 0, unused = 0;
       if (ok) {
         for (int k = tid; k < K; k += nthreads) {
@@ -428,6 +429,9 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
       }
       block_sum2(lp, unused, red);
       if (tid == 0) a.partial[slots[0].row] = ok ? lp : std::numeric_limits<acc_t>::quiet_NaN();
+    };
+    if constexpr (kMode == kLossForward) {
+      write_row_loss();
     } else {
       // dL/dz_k = A (S_k sum_{j in U} t_j - t_k [k in U]) + B S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}
       acc_t tu = 0, ss = 0;
@@ -441,18 +445,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
         }
       }
       block_sum2(tu, ss, red);
-      if (a.partial != nullptr) {  // loss and gradient in one pass
-        acc_t lp = 0, unused = 0;
-        if (ok) {
-          for (int k = tid; k < K; k += nthreads) {
-            const acc_t S = D[k] * isr, H = D[K + k] * ihr;
-            const acc_t t = max(H, prob_floor);
-            lp += a.kl * (t * (log_(t) - log_(max(S, prob_floor)))) + a.l1 * abs_(S - H);
-          }
-        }
-        block_sum2(lp, unused, red);
-        if (tid == 0) a.partial[slots[0].row] = ok ? lp : std::numeric_limits<acc_t>::quiet_NaN();
-      }
+      if (a.partial != nullptr) write_row_loss();  // loss and gradient in one pass
       const acc_t gscale = (a.grad != nullptr ? *a.grad : acc_t(1)) * a.inv_nk;
       const acc_t A = a.kl * gscale, Bw = a.l1 * gscale;
       for (int k = tid; k < K; k += nthreads) {
