@@ -657,13 +657,13 @@ int max_shared_optin(int device) {
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Geometry, shared-memory layout and channel group size of a rows_kernel launch.
-Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, bool fast_grad, size_t elem,
-                       int device) {
+// The sizes every kernel shares: image, window, patch and padding.
+Geometry base_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphParams& p) {
   Geometry g{};
-  g.B = static_cast<int>(image.size(0));
-  g.C = static_cast<int>(image.size(1));
-  g.H = static_cast<int>(image.size(2));
-  g.W = static_cast<int>(image.size(3));
+  g.B = static_cast<int>(B);
+  g.C = static_cast<int>(C);
+  g.H = static_cast<int>(H);
+  g.W = static_cast<int>(W);
   g.s = static_cast<int>(p.s());
   g.f = static_cast<int>(p.f());
   g.n = static_cast<int>(p.search);
@@ -673,6 +673,12 @@ Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, 
   g.K = g.n * g.n;
   g.pad = static_cast<int>(p.pad());
   g.window = p.padding == Padding::Window;
+  return g;
+}
+
+Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, bool fast_grad, size_t elem,
+                       int device) {
+  Geometry g = base_geometry(image.size(0), image.size(1), image.size(2), image.size(3), p);
   g.chunks = ceil_div(g.n, kM);
   g.chunks_c = ceil_div(g.side, kM);
   g.chunks_q = ceil_div(g.P, kM);
@@ -775,20 +781,7 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
       keys.data_ptr<int64_t>(), N, B * H * W, map.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  Geometry g{};
-  g.B = static_cast<int>(B);
-  g.C = static_cast<int>(C);
-  g.H = static_cast<int>(H);
-  g.W = static_cast<int>(W);
-  g.s = static_cast<int>(p.s());
-  g.f = static_cast<int>(p.f());
-  g.n = static_cast<int>(p.search);
-  g.P = static_cast<int>(p.patch);
-  g.R = g.s + g.f;
-  g.side = 2 * g.R + 1;
-  g.K = g.n * g.n;
-  g.pad = static_cast<int>(p.pad());
-  g.window = p.padding == Padding::Window;
+  const Geometry g = base_geometry(B, C, H, W, p);
   const int64_t Hp = H + 2 * g.pad, Wp = W + 2 * g.pad;
   at::Tensor gpad = at::empty({B, C, Hp, Wp}, w.options());
   at::Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
