@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded demo data: set up, run the SSL demo on one demo task (PNGs in results/demo), then the
-# CPU benchmark of our ops against the plain-PyTorch reference at 128^2 (table + PNG in results/bench).
+# The main job on the embedded demo data: set up, meta-train the demo preset (runs/demo: checkpoints, log.jsonl,
+# TensorBoard, sample PNGs, loss_curve.png), then the SSL demo on one demo task (PNGs in results/demo).
+# Running it again resumes runs/demo (a finished run just rewrites its loss curve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+resume=()
+[ -f runs/demo/checkpoints/latest.pt ] && resume=(--resume)
+.venv/bin/python -m metaf2n.train --preset demo --out runs/demo "${resume[@]}" "$@"
 .venv/bin/python -m metaf2n.demo --out results/demo
-.venv/bin/python bench/bench_ssl.py --sizes 128 --repeats 2 --out results/bench

@@ -26,3 +26,14 @@ def photo_pair():
     """A 2-image batch of 64x64 real-photo crops (different edge densities) and their degraded versions."""
     hr = torch.cat([photo("astronaut", 180, 200, 64), photo("coffee", 100, 250, 64)])
     return degraded(hr), hr
+
+
+@pytest.fixture(scope="session")
+def lpips_model():
+    """LPIPS with the real AlexNet weights (scripts/setup.sh runs `python -m metaf2n.weights lpips`)."""
+    from metaf2n.losses import lpips_alex
+
+    try:
+        return lpips_alex()
+    except FileNotFoundError as error:
+        pytest.fail(f"LPIPS weights are missing: {error}")

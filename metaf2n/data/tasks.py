@@ -98,6 +98,13 @@ class TaskBatch:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "degradations"}
         return replace(self, **moved)
 
+    def select(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks ``start:stop`` as a TaskBatch (views, no copy); e.g. one rank's shard of a meta-batch."""
+        if not 0 <= start < stop <= self.num_tasks:
+            raise ValueError(f"need 0 <= start < stop <= {self.num_tasks}, got start={start}, stop={stop}")
+        images = {f.name: getattr(self, f.name)[start:stop] for f in fields(self) if f.name != "degradations"}
+        return replace(self, **images, degradations=self.degradations[start:stop])
+
 
 def texture_score(patch: torch.Tensor) -> float:
     """``log(mean squared gradient + 1e-10)`` of a (3, H, W) patch in [0, 1] (MetaF2N's criterion)."""
