@@ -7,7 +7,8 @@ Each (preset, precision, SSL) setting runs in a fresh subprocess (peak memory is
 then ``--steps`` timed ones through ``MetaTrainer.meta_update`` with its phase timers. Phases: task sampling (data
 and degradation), inner loop (MaskNet + the adaptation step), outer forward (SR of the backgrounds, L1, LPIPS, GAN,
 regulariser), SSL (the fused loss and its gradient), outer backward, optimizer (gradient norms, Adam) and the
-discriminator step. Peak memory: CUDA's max allocated, or the rise of the process's peak resident set on the CPU.
+discriminator step. Peak memory: CUDA's max allocated over the timed steps, or on the CPU the rise of the process's
+peak resident set over what it held before the first step (models, optimisers, LPIPS and data already loaded).
 Prints a markdown table and writes ``bench_train_<device>.{md,png,json}``.
 """
 
@@ -29,6 +30,11 @@ PHASES = ("sampling", "inner", "outer_forward", "ssl", "outer_backward", "optimi
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def lpips_available(weights: str | None) -> bool:
@@ -57,9 +63,9 @@ def worker(preset: str, precision: str, ssl: bool, mode: str, steps: int, warmup
     if lpips_weights:
         overrides["lpips_weights"] = lpips_weights
     config = resolve(overrides)
-    rss_before = peak_rss()
     trainer = MetaTrainer(config)
     dev = trainer.device
+    rss_before = current_rss()  # models, optimisers, LPIPS and the data are resident by now
     for _ in range(warmup):
         trainer.meta_update(trainer.sample_tasks())
     if dev.type == "cuda":
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=4, metavar=("PRESET", "PRECISION", "SSL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--presets", nargs="+", default=None, help="default: demo, plus paper on a GPU")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--lpips-weights", default=None)

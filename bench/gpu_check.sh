@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [RESULTS_DIR]      (default: $OUT, else results/gpu)
 #
 # Needs torch (CUDA build), nvcc, cmake and ninja already installed; no network access. Every step runs even if an
-# earlier one failed; the exit status is non-zero when any step failed. About 3-5 minutes on an H200.
+# earlier one failed; the exit status is non-zero when any step failed. About 5-8 minutes on an H200.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -50,6 +50,18 @@ tests=(tests/test_cuda.py)
 [ -f tests/test_ssl.py ] && tests+=(tests/test_ssl.py)
 step tests "$PY" -m pytest -q -rfEs --durations=15 "${tests[@]}"
 step bench "$PY" bench/bench_ssl_cuda.py --out "$RESULTS"
+
+# Training (issue 7). The GPU machine has no network: the lpips package and LPIPS's AlexNet weights travel in .cache/
+# (prepare on the CPU machine: pip download --no-deps lpips==0.1.4 -d .cache/downloads;
+#  cp ~/.cache/metaf2n/lpips_alexnet.pth .cache/; then carry .cache).
+export METAF2N_CACHE="$PWD/.cache"
+if ! "$PY" -c "import lpips" 2>/dev/null; then
+  for whl in .cache/downloads/lpips-*.whl; do [ -f "$whl" ] && "$PY" -m pip install --no-deps "$whl"; done
+fi
+step train_tests "$PY" -m pytest -q -rfEs tests/test_maml.py tests/test_losses.py tests/test_train.py
+step train_paper_cuda "$PY" -m metaf2n.train --preset paper --device cuda --precision bf16 --steps 3 --val-every 3 \
+  --ckpt-every 3 --val-tasks 1 --quiet --out "$RESULTS/paper_run"
+step bench_train "$PY" bench/bench_train.py --presets demo paper --device cuda --steps 5 --out "$RESULTS"
 
 echo "=== summary (results in $RESULTS)"
 cat "$SUMMARY"

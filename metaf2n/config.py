@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass, fields
 
 import yaml
 
+from metaf2n.checks import require_choice, require_int, require_number
 from metaf2n.maml import MetaConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -103,26 +103,19 @@ class TrainConfig(MetaConfig):
             raise ValueError(message) from None
 
     def _check(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        require_choice("preset", self.preset, tuple(PRESETS))
+        require_choice("precision", self.precision, PRECISIONS)
         positive = ("tasks", "face_patches", "background_patches", "face_patch_size", "face_size",
                     "background_patch_size", "background_crop_size", "num_feat", "num_grow_ch", "masknet_feat",
                     "d_num_feat", "steps", "ckpt_every", "val_every", "val_tasks", "max_skips")
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            require_int(name, getattr(self, name), 1)
         for name in ("num_block", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            require_int(name, getattr(self, name), 0)
         for name in ("lr_g", "lr_d", "warmup_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            require_number(name, getattr(self, name), strict=True)
+        require_number("ema_decay", self.ema_decay)
+        if self.ema_decay >= 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.background_patch_size % 8:  # the U-Net discriminator halves the SR background three times
             raise ValueError(f"background_patch_size must be a multiple of 8, got {self.background_patch_size}")

@@ -21,8 +21,8 @@ The network is never mutated: fast weights are a dict passed to :func:`torch.fun
 from __future__ import annotations
 
 import contextlib
-import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from metaf2n.checks import require_choice, require_int, require_number
 from metaf2n.data.tasks import TaskBatch
 from metaf2n.losses import REG_FORMS, gan_loss, masknet_regulariser
 from metaf2n.ssl import ssl_loss
@@ -66,18 +67,12 @@ class MetaConfig:
     def __post_init__(self) -> None:
         choices = {"mode": MODES, "reg_form": REG_FORMS, "ssl_target": SSL_TARGETS, "padding": PADDINGS}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            require_choice(name, getattr(self, name), allowed)
         for name in ("inner_steps", "search", "patch", "stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            require_int(name, getattr(self, name), 1)
         for name in ("inner_lr", "w_l1", "w_lpips", "w_gan", "w_reg", "w_ssl", "kl_weight", "l1_weight", "threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.h, (int, float)) and math.isfinite(self.h) and self.h > 0):
-            raise ValueError(f"h must be a finite number > 0, got {self.h!r}")
+            require_number(name, getattr(self, name))
+        require_number("h", self.h, strict=True)
 
     def ssl_kwargs(self) -> dict:
         names = ("search", "patch", "h", "kl_weight", "l1_weight", "padding", "threshold", "stride")
@@ -123,23 +118,47 @@ def face_weights(masknet: nn.Module, face_lr: torch.Tensor, face_pseudo: torch.T
     return masknet(up, face_pseudo)
 
 
+Faces = "torch.Tensor | Sequence[torch.Tensor]"
+
+
+def _groups(*tensors):
+    """One tensor or parallel sequences of tensors (faces of different sizes) -> parallel lists."""
+    if isinstance(tensors[0], torch.Tensor):
+        return [[t] for t in tensors]
+    lists = [list(t) for t in tensors]
+    if not lists[0] or any(len(group) != len(lists[0]) for group in lists):
+        raise ValueError("face_lr, face_pseudo and weights must be tensors or equally long non-empty sequences")
+    return lists
+
+
 def inner_loss(
     sr: nn.Module,
     params: dict[str, torch.Tensor],
-    face_lr: torch.Tensor,
-    face_pseudo: torch.Tensor,
-    weights: torch.Tensor,
+    face_lr: Faces,
+    face_pseudo: Faces,
+    weights: Faces,
 ) -> torch.Tensor:
-    """``mean(W * |sr_params(face_lr) - face_pseudo|)`` over every element, W broadcast over channels."""
-    out = functional_call(sr, params, (face_lr,))
-    return (_full(weights) * (_full(out) - face_pseudo).abs()).mean()
+    """``mean(W * |sr_params(face_lr) - face_pseudo|)`` over every element, W broadcast over channels.
+
+    Each argument is a (P, C, h, w) batch, or a sequence of such batches of different sizes (faces too small for a
+    patch at inference); the mean is then over the elements of all of them.
+    """
+    total, count = 0.0, 0
+    for lr, pseudo, w in zip(*_groups(face_lr, face_pseudo, weights)):
+        out = functional_call(sr, params, (lr,))
+        error = _full(w) * (_full(out) - pseudo).abs()
+        if isinstance(face_lr, torch.Tensor):
+            return error.mean()
+        total = total + error.sum()
+        count += error.numel()
+    return total / count
 
 
 def adapt(
     sr: nn.Module,
-    weights: torch.Tensor,
-    face_lr: torch.Tensor,
-    face_pseudo: torch.Tensor,
+    weights: Faces,
+    face_lr: Faces,
+    face_pseudo: Faces,
     inner_lr: float,
     steps: int = 1,
     mode: str = "first",
@@ -149,6 +168,7 @@ def adapt(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``steps`` SGD steps of :func:`inner_loss` from ``params`` (default: ``sr``'s parameters).
 
+    ``weights``, ``face_lr`` and ``face_pseudo`` are batches or sequences of batches, as :func:`inner_loss` takes.
     Returns ``(fast_params, inner_loss_before)``. ``create_graph=False`` gives fast weights for inference (no path
     to MaskNet or theta through the gradient). ``grad_scale`` (fp16 with a GradScaler) multiplies the inner loss
     before differentiation and divides the gradient after, as in PyTorch's AMP gradient-penalty recipe.

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from metaf2n.checks import join_range_flags
 from metaf2n.config import add_config_flags, resolve
 from metaf2n.distributed import init_from_env
 from metaf2n.trainer import NonFiniteLossError, RunFiles, load_checkpoint, train
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv)))
     resume = args.pop("resume", None)
     quiet = args.pop("quiet", False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

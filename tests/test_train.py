@@ -20,7 +20,7 @@ from metaf2n.trainer import MetaTrainer, NonFiniteLossError, RunFiles
 TINY = {
     "num_feat": 8, "num_block": 1, "num_grow_ch": 8, "masknet_feat": 8, "d_num_feat": 8,
     "tasks": 2, "face_patches": 1, "background_patches": 1, "face_patch_size": 32, "face_size": 64,
-    "background_patch_size": 32, "background_crop_size": 64, "val_tasks": 1, "warmup_steps": 1,
+    "background_patch_size": 32, "background_crop_size": 64, "val_tasks": 1, "warmup_steps": 1, "device": "cpu",
 }
 TINY_FLAGS = [item for name, value in TINY.items() for item in (flag(name), str(value))] + ["--quiet"]
 STEP_KEYS = {"step", "total", "l1", "lpips", "gan", "reg", "ssl", "inner", "d_loss", "w_mean", "grad_norm_sr",

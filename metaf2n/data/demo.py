@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from metaf2n.faces.detect import detect_faces, square_around
+
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
@@ -64,38 +66,12 @@ def _bundled_photos() -> dict[str, Callable[[], np.ndarray]]:
     }
 
 
-def detect_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Frontal faces in an (H, W, 3) uint8 RGB image as ``(x, y, w, h)`` boxes, largest first."""
-    import cv2
-
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    if cascade.empty():
-        raise RuntimeError("OpenCV's haarcascade_frontalface_default.xml could not be loaded")
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(48, 48))
-    return sorted((tuple(int(v) for v in box) for box in boxes), key=lambda b: -b[2] * b[3])
-
-
-def _square_around(
-    box: tuple[int, int, int, int], image_hw: tuple[int, int], ratio: float, shift: tuple[float, float]
-) -> tuple[int, int, int]:
-    """``(top, left, side)`` of a square ``ratio`` times the box, shifted, moved inside the image."""
-    x, y, w, h = box
-    height, width = image_hw
-    side = min(int(round(max(w, h) * ratio)), height, width)
-    centre_x = x + w / 2 + shift[0] * side
-    centre_y = y + h / 2 + shift[1] * side
-    left = int(round(min(max(centre_x - side / 2, 0), width - side)))
-    top = int(round(min(max(centre_y - side / 2, 0), height - side)))
-    return top, left, side
-
-
 def face_variants(rgb: np.ndarray, box: tuple[int, int, int, int], size: int = FACE_SIZE) -> list[Image.Image]:
     """The deterministic face crops of :data:`FACE_VARIANTS`, each ``size`` x ``size``."""
     photo = Image.fromarray(rgb)
     crops = []
     for ratio, dx, dy, mirror in FACE_VARIANTS:
-        top, left, side = _square_around(box, rgb.shape[:2], ratio, (dx, dy))
+        top, left, side = square_around(box, rgb.shape[:2], ratio, (dx, dy))
         crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else crop)
     return crops
@@ -103,7 +79,7 @@ def face_variants(rgb: np.ndarray, box: tuple[int, int, int, int], size: int = F
 
 def region_away_from(rgb: np.ndarray, box: tuple[int, int, int, int], ratio: float = 2.2) -> np.ndarray:
     """The largest band (above, below, left or right) of the image outside ``ratio`` x the box."""
-    top, left, side = _square_around(box, rgb.shape[:2], ratio, (0.0, 0.0))
+    top, left, side = square_around(box, rgb.shape[:2], ratio, (0.0, 0.0))
     bands = [
         rgb[:top],
         rgb[top + side :],

@@ -1,0 +1,190 @@
+"""``python -m metaf2n.data.make_testset -o OUT --mode iid|ood --count N --seed S``: a synthetic MetaF2N test set.
+
+Each test photo is a face composited into a natural image, degraded as a whole by one Real-ESRGAN second-order draw:
+
+* a ``--size`` x ``--size`` crop of a background photo (``--backgrounds``, default: the embedded demo set);
+* an aligned face (``--faces``) resized to a side drawn from [``--face-min``, ``--face-max``] (multiples of 4),
+  pasted at a random position (a multiple of 4) with a feathered border (1/8 of its side);
+* ``iid``: the training degradation (Real-ESRGAN x4plus ranges); ``ood``: :data:`OOD_DEGRADATION`, stronger blur,
+  noise and JPEG than training ever saw.
+
+Layout (that of MetaF2N's FFHQ_iid / FFHQ_ood): ``GT/NAME.png`` (the composite), ``LQ/NAME.png`` (x4 smaller),
+``Face_LQ/NAME.png`` (the pasted face's square in LQ), ``Face_HQ/NAME.png`` (the same square in GT, or a
+``--restorer``'s output on the bicubic-upsampled LQ face), plus ``faces.json`` (each photo's face box in LQ pixels:
+top, left, side) and ``manifest.json``. Seeded: the same arguments write the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metaf2n.checks import join_range_flags
+from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image
+from metaf2n.data.restorers import FaceRestorer, TorchScriptRestorer
+from metaf2n.degrade import REAL_ESRGAN_X4PLUS, DegradationConfig, apply_degradation, sample_degradation
+from metaf2n.visualize import save_png
+
+logger = logging.getLogger(__name__)
+
+# Out of the training distribution: first-stage blur sigma 3..5 (training 0.2..3), Gaussian noise sigma 30..45
+# (training 1..30) and JPEG quality 15..30 (training 30..95) in both stages.
+OOD_DEGRADATION = replace(
+    REAL_ESRGAN_X4PLUS,
+    blur_sigma=(3.0, 5.0),
+    noise_range=(30.0, 45.0),
+    noise_range2=(25.0, 40.0),
+    gaussian_noise_prob=1.0,
+    jpeg_range=(15.0, 30.0),
+    jpeg_range2=(15.0, 30.0),
+)
+MODES: dict[str, DegradationConfig] = {"iid": REAL_ESRGAN_X4PLUS, "ood": OOD_DEGRADATION}
+
+
+def feathered_mask(side: int, feather: int) -> torch.Tensor:
+    """(1, side, side) weights: 1 inside, ramping linearly to 0 over ``feather`` pixels at the border."""
+    ramp = torch.ones(side)
+    if feather > 0:
+        edge = (torch.arange(feather, dtype=torch.float32) + 0.5) / feather
+        ramp[:feather] = edge
+        ramp[-feather:] = edge.flip(0)
+    return torch.outer(ramp, ramp)[None]
+
+
+def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, generator: torch.Generator):
+    """Composite ``face`` (3, f, f) resized to ``face_side`` into ``background`` (3, S, S); returns the GT image and
+    the paste box (top, left, side) in GT pixels, top and left multiples of 4."""
+    size = background.shape[-1]
+    face = resize_image(face, (face_side, face_side))
+    top = 4 * int(torch.randint(0, (size - face_side) // 4 + 1, (), generator=generator))
+    left = 4 * int(torch.randint(0, (size - face_side) // 4 + 1, (), generator=generator))
+    alpha = feathered_mask(face_side, face_side // 8)
+    gt = background.clone()
+    region = gt[:, top : top + face_side, left : left + face_side]
+    gt[:, top : top + face_side, left : left + face_side] = alpha * face + (1 - alpha) * region
+    return gt, (top, left, face_side)
+
+
+def make_testset(
+    out: str | os.PathLike,
+    mode: str = "iid",
+    count: int = 10,
+    seed: int = 0,
+    faces_dir: str | os.PathLike | None = None,
+    backgrounds_dir: str | os.PathLike | None = None,
+    size: int = 512,
+    face_min: int = 192,
+    face_max: int = 256,
+    restorer: FaceRestorer | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the test set (see the module doc) to ``out`` atomically (a temporary sibling folder renamed)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if size < 16 or size % 4:
+        raise ValueError(f"size must be a multiple of 4 and >= 16, got {size}")
+    if not (4 <= face_min <= face_max <= size) or face_min % 4 or face_max % 4:
+        raise ValueError(f"need 4 <= face_min <= face_max <= size, multiples of 4; got {face_min}, {face_max}")
+    if faces_dir is None or backgrounds_dir is None:
+        from metaf2n.data.demo import build_demo_set
+
+        demo_faces, demo_backgrounds = build_demo_set()
+        faces_dir = faces_dir or demo_faces
+        backgrounds_dir = backgrounds_dir or demo_backgrounds
+    faces = FaceFolder(faces_dir, face_max)
+    backgrounds = BackgroundFolder(backgrounds_dir, size)
+    target = Path(out)
+    if target.exists():
+        raise ValueError(f"output folder {os.fspath(out)!r} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    generator = torch.Generator().manual_seed(seed)
+    boxes, names = {}, []
+    try:
+        for index in tqdm(range(count), desc=f"test set ({mode})", unit="photo", disable=not progress):
+            name = f"{index:04d}"
+            face_side = 4 * int(torch.randint(face_min // 4, face_max // 4 + 1, (), generator=generator))
+            gt, (top, left, side) = make_photo(faces.draw(generator), backgrounds.draw(generator), face_side,
+                                               generator)
+            params = sample_degradation(generator, MODES[mode])
+            lq = apply_degradation(params, gt[None], generator)[0]
+            box = (top // 4, left // 4, side // 4)
+            face_lq = lq[:, box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
+            if restorer is None:
+                face_hq = gt[:, top : top + side, left : left + side]
+            else:
+                up = F.interpolate(face_lq[None], size=(side, side), mode="bicubic", align_corners=False)
+                face_hq = restorer(up.clamp(0, 1))[0]
+            for folder, image in (("GT", gt), ("LQ", lq), ("Face_LQ", face_lq), ("Face_HQ", face_hq)):
+                rgb = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+                save_png(staging / folder / f"{name}.png", rgb)
+            boxes[name] = [list(box)]
+            names.append(name)
+        (staging / "faces.json").write_text(json.dumps(boxes, indent=1))
+        manifest = {"mode": mode, "count": count, "seed": seed, "size": size, "face_range": [face_min, face_max],
+                    "faces": os.fspath(faces_dir), "backgrounds": os.fspath(backgrounds_dir),
+                    "face_hq": "ground truth" if restorer is None else "restorer", "images": names}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.rename(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metaf2n.data.make_testset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--mode", choices=tuple(MODES), default="iid")
+    parser.add_argument("--count", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faces", help="aligned face images (default: the embedded demo set)")
+    parser.add_argument("--backgrounds", help="background photos (default: the embedded demo set)")
+    parser.add_argument("--size", type=int, default=512, help="GT side (default 512)")
+    parser.add_argument("--face-min", type=int, default=192)
+    parser.add_argument("--face-max", type=int, default=256)
+    parser.add_argument("--restorer", help="TorchScript restorer for Face_HQ (default: the GT face)")
+    parser.add_argument("--restorer-range", default="0,1")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
+    if (args.faces is None) != (args.backgrounds is None):
+        parser.error("--faces and --backgrounds go together (neither means the embedded demo set)")
+    for name in ("faces", "backgrounds"):
+        folder = getattr(args, name)
+        if folder is not None and not Path(folder).is_dir():
+            parser.error(f"--{name} {folder!r} is not a folder")
+    restorer = None
+    if args.restorer:
+        if not Path(args.restorer).is_file():
+            parser.error(f"--restorer {args.restorer!r} is not a file")
+        try:
+            low, high = (float(v) for v in args.restorer_range.split(","))
+        except ValueError:
+            parser.error(f"--restorer-range must be 'low,high', got {args.restorer_range!r}")
+        restorer = TorchScriptRestorer(args.restorer, "cpu", (low, high))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,
+                            args.face_min, args.face_max, restorer, not args.quiet)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"test set written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""``python -m metaf2n.infer``: adapt the SR model to each photo through its faces, then super-resolve it x4.
+
+    python -m metaf2n.infer photo.jpg photos/ -o out/ --checkpoint runs/demo/checkpoints/latest.pt \\
+        --restorer gpen_512.pt --restorer-range -1,1
+    python -m metaf2n.infer testset/LQ -o out/ --checkpoint ckpt.pt --face-lq testset/Face_LQ --face-hq testset/Face_HQ
+
+Writes ``OUTDIR/NAME.png`` and ``OUTDIR/summary.jsonl`` (one record per photo). A photo without a usable face is
+super-resolved by the un-adapted model, with the reason in the summary; a file that cannot be processed is reported
+and skipped, and the exit status is 1 when any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from metaf2n.checks import join_range_flags
+from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from metaf2n.data.restorers import TorchScriptRestorer
+from metaf2n.faces.detect import HaarFaceDetector
+from metaf2n.inference import (
+    adapt_to_faces,
+    faces_from_files,
+    faces_from_photo,
+    load_model,
+    sample_face_patches,
+    tiled_super_resolve,
+)
+from metaf2n.io import append_jsonl, atomic_write_text
+from metaf2n.visualize import save_png
+
+logger = logging.getLogger("metaf2n.infer")
+COLOUR_MODES = ("RGB", "P")
+
+
+class PhotoError(ValueError):
+    """A photo that cannot be processed; the message says why."""
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(list_images(path))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise ValueError(f"input {item!r} is neither a file nor a folder")
+    return paths
+
+
+def read_rgb_photo(path: Path) -> torch.Tensor:
+    """(3, H, W) float in [0, 1]; grey, alpha and other non-RGB images are refused with a message."""
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode not in COLOUR_MODES or (mode == "P" and "transparency" in image.info):
+                raise PhotoError(
+                    f"{path.name}: a {mode} image; MetaF2N super-resolves RGB photos (convert it to RGB first, "
+                    "e.g. PIL's Image.convert('RGB'))"
+                )
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except PhotoError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise PhotoError(f"{path.name}: cannot be read as an image ({error})") from None
+    if min(rgb.shape[:2]) < 4:
+        raise PhotoError(f"{path.name}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small to super-resolve")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+
+
+def face_files(folder: Path, stem: str) -> list[Path]:
+    """``folder/STEM.ext`` or ``folder/STEM_k.ext`` (several faces of one photo), sorted."""
+    found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+             and (p.stem == stem or (p.stem.startswith(stem + "_") and p.stem[len(stem) + 1:].isdigit()))]
+    return sorted(found)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m metaf2n.infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="photos or folders of photos")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a metaf2n checkpoint (OUT/checkpoints/latest.pt) or a Real-ESRGAN RRDBNet x4plus one")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights when it has them")
+    faces = parser.add_argument_group("faces")
+    faces.add_argument("--restorer", help="TorchScript face restorer (GPEN/GFPGAN/CodeFormer export)")
+    faces.add_argument("--restorer-range", default="0,1", help="the restorer's value range, e.g. -1,1 (default 0,1)")
+    faces.add_argument("--restorer-size", type=int, default=512, help="face side the restorer expects (default 512)")
+    faces.add_argument("--face-lq", help="precomputed LR faces, files named after the photo (NAME.png or NAME_k.png)")
+    faces.add_argument("--face-hq", help="their pseudo-HQ faces, same names")
+    faces.add_argument("--face-margin", type=float, default=1.5, help="crop side / detected box side (default 1.5)")
+    faces.add_argument("--min-face", type=int, default=24, help="smallest face side to detect, LR pixels (default 24)")
+    adapt = parser.add_argument_group("adaptation")
+    adapt.add_argument("--patches", type=int, default=16, help="16 -> 64 px patch pairs pooled over the faces")
+    adapt.add_argument("--steps", type=int, default=1, help="inner SGD steps (default 1; 0 disables adaptation)")
+    adapt.add_argument("--inner-lr", type=float, default=None, help="default: the checkpoint's training config")
+    run = parser.add_argument_group("run")
+    run.add_argument("--tile", type=int, default=256, help="LR tile side (0: whole photo; default 256)")
+    run.add_argument("--tile-overlap", type=int, default=32, help="LR context pixels around each tile (default 32)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.face_lq is None) != (args.face_hq is None):
+        parser.error("--face-lq and --face-hq go together")
+    for name in ("face_lq", "face_hq"):
+        folder = getattr(args, name)
+        if folder is not None and not Path(folder).is_dir():
+            parser.error(f"--{name.replace('_', '-')} {folder!r} is not a folder")
+    if args.restorer is not None and not Path(args.restorer).is_file():
+        parser.error(f"--restorer {args.restorer!r} is not a file")
+    for name, minimum in (("patches", 1), ("steps", 0), ("tile", 0), ("tile_overlap", 0), ("restorer_size", 16),
+                          ("min_face", 1)):
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    if args.inner_lr is not None and not args.inner_lr >= 0:
+        parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
+    try:
+        low, high = (float(v) for v in args.restorer_range.split(","))
+    except ValueError:
+        parser.error(f"--restorer-range must be 'low,high', got {args.restorer_range!r}")
+    if not high > low:
+        parser.error(f"--restorer-range must have high > low, got {args.restorer_range!r}")
+    args.restorer_range = (low, high)
+
+
+def process_photo(path: Path, args, model, detector, restorer, device, out_dir: Path) -> dict:
+    start = time.perf_counter()
+    record = {"image": path.name, "output": None, "faces_found": 0, "faces_used": 0, "patches": 0,
+              "inner_before": None, "inner_after": None, "adapted": False, "reason": None}
+    photo = read_rgb_photo(path)
+    generator = torch.Generator().manual_seed(args.seed ^ zlib.crc32(path.stem.encode()))
+    pairs = []
+    if args.steps == 0:
+        record["reason"] = "adaptation disabled (--steps 0)"
+    elif args.face_lq is not None:
+        lq_files = face_files(Path(args.face_lq), path.stem)
+        hq_files = face_files(Path(args.face_hq), path.stem)
+        record["faces_found"] = len(lq_files)
+        if not lq_files:
+            record["reason"] = f"no face file named {path.stem}[_k].* in --face-lq"
+        elif [p.stem for p in lq_files] != [p.stem for p in hq_files]:
+            record["reason"] = "--face-lq and --face-hq files differ: " + \
+                f"{[p.name for p in lq_files]} vs {[p.name for p in hq_files]}"
+        else:
+            pairs = faces_from_files(lq_files, hq_files, read_image)
+    elif restorer is None:
+        record["reason"] = "no pseudo-HQ faces: give --restorer or --face-lq/--face-hq"
+    else:
+        pairs, record["faces_found"] = faces_from_photo(photo.to(device), detector, restorer, args.restorer_size,
+                                                        args.face_margin)
+        if not pairs:
+            record["reason"] = "no face detected"
+    params = None
+    if pairs:
+        lr_groups, hq_groups = sample_face_patches(pairs, args.patches, generator)
+        adaptation = adapt_to_faces(model, lr_groups, hq_groups, args.steps, args.inner_lr, args.precision)
+        record.update(faces_used=len(pairs), patches=sum(len(g) for g in lr_groups),
+                      inner_before=adaptation.inner_before, inner_after=adaptation.inner_after)
+        if np.isfinite(adaptation.inner_after) and all(torch.isfinite(p).all() for p in adaptation.params.values()):
+            params = adaptation.params
+            record["adapted"] = True
+        else:
+            record["reason"] = "adaptation gave non-finite weights"
+    if record["reason"]:
+        logger.warning("%s: not adapted (%s); using the un-adapted model", path.name, record["reason"])
+    bar = None if args.quiet else (lambda cores: tqdm(cores, desc=f"{path.name} tiles", leave=False, unit="tile"))
+    sr = tiled_super_resolve(model.sr, photo[None].to(device), params, args.tile, args.tile_overlap,
+                             args.precision, bar)
+    output = out_dir / f"{path.stem}.png"
+    save_png(output, (sr[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+    record["output"] = output.name
+    record["time_s"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
+    check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from metaf2n.trainer import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        paths = collect_inputs(args.inputs)
+        model = load_model(args.checkpoint, device, args.ema)
+    except ValueError as error:
+        parser.error(str(error))
+    if not paths:
+        parser.error("no images found in the inputs")
+    if model.masknet is None:
+        logger.warning("no MaskNet in %s: the face loss is unweighted (W = 1)", args.checkpoint)
+    restorer = TorchScriptRestorer(args.restorer, device, args.restorer_range) if args.restorer else None
+    detector = HaarFaceDetector(min_size=args.min_face)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "summary.jsonl"
+    atomic_write_text(summary, "")
+    failed = 0
+    for path in tqdm(paths, desc="photos", unit="photo", disable=args.quiet):
+        try:
+            record = process_photo(path, args, model, detector, restorer, device, out_dir)
+        except PhotoError as error:
+            failed += 1
+            logger.error("%s", error)
+            record = {"image": path.name, "error": str(error)}
+        append_jsonl(summary, record)
+    if failed:
+        print(f"{failed} of {len(paths)} files failed (see {summary})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

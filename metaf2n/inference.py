@@ -1,0 +1,230 @@
+"""Face-guided test-time adaptation and whole-photo super-resolution (the library behind ``metaf2n.infer``).
+
+For one low-quality photo:
+
+1. face pairs: LR face crops with their pseudo-HQ faces (4x their size), from detected faces and a face restorer
+   (:func:`faces_from_photo`) or from precomputed files (:func:`faces_from_files`);
+2. :func:`sample_face_patches` pools aligned LR/HQ patch pairs (16 -> 64 px) over the faces; a face smaller than a
+   patch is used whole;
+3. :func:`adapt_to_faces`: ``steps`` SGD steps of MetaF2N's MaskNet-weighted face L1 (:func:`metaf2n.maml.adapt`),
+   W = 1 when the checkpoint has no MaskNet (a plain Real-ESRGAN RRDBNet);
+4. :func:`tiled_super_resolve`: the adapted weights on the whole photo in overlapping tiles (bounded memory).
+
+The adapted weights are a dict passed to ``functional_call``: the model itself never changes, so nothing leaks into
+the next photo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metaf2n.data.images import resize_image
+from metaf2n.data.restorers import FaceRestorer
+from metaf2n.faces.detect import FaceDetector, square_around
+from metaf2n.maml import adapt, face_weights, inner_loss
+from metaf2n.models import MaskNet, RRDBNet, load_pretrained
+
+logger = logging.getLogger(__name__)
+
+SCALE = RRDBNet.scale
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SRModel:
+    """An SR network with what adaptation needs: MaskNet (None: W = 1) and the default inner learning rate."""
+
+    sr: nn.Module
+    masknet: nn.Module | None
+    inner_lr: float
+    source: str
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = False) -> SRModel:
+    """A metaf2n training checkpoint (``sr``, ``masknet``, ``config``; ``ema`` picks ``sr_ema`` when present) or a
+    Real-ESRGAN RRDBNet x4plus checkpoint (``params_ema``/``params``/bare; no MaskNet, inner lr 1e-2)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {os.fspath(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and {"sr", "masknet", "config"} <= set(state):
+        config = state["config"]
+        sr = RRDBNet(num_feat=config["num_feat"], num_block=config["num_block"], num_grow_ch=config["num_grow_ch"])
+        sr.load_state_dict(state["sr_ema"] if ema and state.get("sr_ema") else state["sr"])
+        masknet = MaskNet(num_feat=config["masknet_feat"])
+        masknet.load_state_dict(state["masknet"])
+        model = SRModel(sr, masknet, float(config["inner_lr"]), "metaf2n")
+    else:
+        sr = load_pretrained(RRDBNet(), path)
+        logger.warning("%s is a plain RRDBNet checkpoint: no MaskNet, faces are weighted W = 1", os.fspath(path))
+        model = SRModel(sr, None, 1e-2, "rrdbnet")
+    model.sr.to(device).eval().requires_grad_(False)
+    if model.masknet is not None:
+        model.masknet.to(device).eval().requires_grad_(False)
+    return model
+
+
+def autocast(device: torch.device, precision: str):
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# --- faces -------------------------------------------------------------------------------------------------------
+@dataclass
+class FacePair:
+    """An LR face crop (3, s, s) and its pseudo-HQ face (3, 4s, 4s), both in [0, 1]; ``box`` in LR pixels."""
+
+    lr: torch.Tensor
+    hq: torch.Tensor
+    box: tuple[int, int, int] | None = None
+
+
+def faces_from_photo(
+    photo: torch.Tensor,
+    detector: FaceDetector,
+    restorer: FaceRestorer,
+    restorer_size: int = 512,
+    margin: float = 1.5,
+) -> tuple[list[FacePair], int]:
+    """Detect faces in the LR ``photo`` (3, H, W), crop squares ``margin`` x the box, restore each at
+    ``restorer_size`` and bring the result to 4x the crop. Returns the pairs and the number of faces found."""
+    rgb = (photo.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+    boxes = detector.detect(rgb)
+    pairs = []
+    for box in boxes:
+        top, left, side = square_around(box, photo.shape[-2:], margin)
+        crop = photo[:, top : top + side, left : left + side]
+        up = F.interpolate(crop[None], size=(restorer_size, restorer_size), mode="bicubic", align_corners=False)
+        restored = restorer(up.clamp(0, 1))[0]
+        pairs.append(FacePair(crop, resize_image(restored, (SCALE * side, SCALE * side)), (top, left, side)))
+    return pairs, len(boxes)
+
+
+def faces_from_files(lq_paths: Sequence[str | os.PathLike], hq_paths: Sequence[str | os.PathLike],
+                     read: Callable[[str | os.PathLike], torch.Tensor]) -> list[FacePair]:
+    """Precomputed face pairs (the official test-set layout): each HQ face is resized to 4x its LQ face."""
+    pairs = []
+    for lq_path, hq_path in zip(lq_paths, hq_paths):
+        lq, hq = read(lq_path), read(hq_path)
+        pairs.append(FacePair(lq, resize_image(hq, (SCALE * lq.shape[-2], SCALE * lq.shape[-1]))))
+    return pairs
+
+
+def sample_face_patches(
+    pairs: Sequence[FacePair], num_patches: int, generator: torch.Generator, lr_patch: int = 16
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``num_patches`` aligned LR/HQ patch pairs (``lr_patch`` -> 4x) drawn uniformly over the faces that hold one,
+    plus each smaller face whole. Returns parallel lists of (n, 3, h, w) batches, one per size."""
+    if num_patches < 1:
+        raise ValueError(f"num_patches must be >= 1, got {num_patches}")
+    big = [p for p in pairs if min(p.lr.shape[-2:]) >= lr_patch]
+    lr_groups, hq_groups = [], []
+    if big:
+        lrs, hqs = [], []
+        for _ in range(num_patches):
+            pair = big[int(torch.randint(0, len(big), (), generator=generator))]
+            top = int(torch.randint(0, pair.lr.shape[-2] - lr_patch + 1, (), generator=generator))
+            left = int(torch.randint(0, pair.lr.shape[-1] - lr_patch + 1, (), generator=generator))
+            lrs.append(pair.lr[:, top : top + lr_patch, left : left + lr_patch])
+            hq = SCALE * lr_patch
+            hqs.append(pair.hq[:, SCALE * top : SCALE * top + hq, SCALE * left : SCALE * left + hq])
+        lr_groups.append(torch.stack(lrs))
+        hq_groups.append(torch.stack(hqs))
+    for pair in pairs:
+        if min(pair.lr.shape[-2:]) < lr_patch:
+            lr_groups.append(pair.lr[None])
+            hq_groups.append(pair.hq[None])
+    return lr_groups, hq_groups
+
+
+@dataclass
+class Adaptation:
+    params: dict[str, torch.Tensor]
+    inner_before: float
+    inner_after: float
+
+
+def adapt_to_faces(
+    model: SRModel,
+    lr_groups: list[torch.Tensor],
+    hq_groups: list[torch.Tensor],
+    steps: int = 1,
+    inner_lr: float | None = None,
+    precision: str = "fp32",
+) -> Adaptation:
+    """``steps`` SGD steps of the MaskNet-weighted face L1 from the model's weights; returns detached fast weights
+    and the inner loss before and after."""
+    device = next(model.sr.parameters()).device
+    lr_groups = [g.to(device) for g in lr_groups]
+    hq_groups = [g.to(device) for g in hq_groups]
+    lr = model.inner_lr if inner_lr is None else inner_lr
+    with torch.no_grad(), autocast(device, precision):
+        if model.masknet is not None:
+            weights = [face_weights(model.masknet, g_lr, g_hq).float() for g_lr, g_hq in zip(lr_groups, hq_groups)]
+        else:
+            weights = [torch.ones_like(g[:, :1]) for g in hq_groups]
+    params = {n: p.detach().requires_grad_() for n, p in model.sr.named_parameters()}
+    with autocast(device, precision):
+        fast, before = adapt(model.sr, weights, lr_groups, hq_groups, lr, steps, "first", create_graph=False,
+                             params=params)
+    fast = {n: p.detach() for n, p in fast.items()}
+    with torch.no_grad(), autocast(device, precision):
+        after = inner_loss(model.sr, fast, lr_groups, hq_groups, weights)
+    return Adaptation(fast, float(before.detach()), float(after))
+
+
+# --- whole-photo SR ----------------------------------------------------------------------------------------------
+def tile_grid(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping ``(y0, y1, x0, x1)`` cores covering the image (tile <= 0: one core)."""
+    if tile <= 0:
+        return [(0, height, 0, width)]
+    return [(y, min(y + tile, height), x, min(x + tile, width)) for y in range(0, height, tile)
+            for x in range(0, width, tile)]
+
+
+@torch.no_grad()
+def tiled_super_resolve(
+    model: nn.Module,
+    lr: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+    tile: int = 256,
+    overlap: int = 32,
+    precision: str = "fp32",
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """x4 SR of ``lr`` (1, 3, H, W) in tiles: each ``tile`` x ``tile`` core is computed with ``overlap`` LR pixels of
+    context on each side and only the core's output is kept. Exact (to float rounding) when ``overlap`` covers the
+    network's receptive field; ``tile <= 0`` runs the photo whole. Returns (1, 3, 4H, 4W) clamped to [0, 1]."""
+    if lr.dim() != 4 or lr.shape[0] != 1:
+        raise ValueError(f"lr must be (1, C, H, W), got {tuple(lr.shape)}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, precision):
+            y = functional_call(model, params, (x,)) if params is not None else model(x)
+        return y.float()
+
+    _, _, height, width = lr.shape
+    cores = tile_grid(height, width, tile)
+    if len(cores) == 1:
+        return run(lr).clamp(0, 1)
+    out = torch.empty(1, 3, SCALE * height, SCALE * width, device=lr.device)
+    for y0, y1, x0, x1 in (progress(cores) if progress else cores):
+        py0, py1 = max(y0 - overlap, 0), min(y1 + overlap, height)
+        px0, px1 = max(x0 - overlap, 0), min(x1 + overlap, width)
+        piece = run(lr[..., py0:py1, px0:px1])
+        out[..., SCALE * y0 : SCALE * y1, SCALE * x0 : SCALE * x1] = piece[
+            ..., SCALE * (y0 - py0) : SCALE * (y1 - py0), SCALE * (x0 - px0) : SCALE * (x1 - px0)
+        ]
+    return out.clamp(0, 1)
