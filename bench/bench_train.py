@@ -124,6 +124,9 @@ def format_table(results: list[dict]) -> str:
         r = next(x for x in results if x["preset"] == preset and "error" not in x)
         notes.append(f"- {preset}: {r['net']}, {r['tasks']} tasks x {r['patches']} patches, LR->HR {r['sizes']}, "
                      f"device {r['device']}, {r['threads']} threads, LPIPS {'on' if r['lpips'] else 'OFF (no weights)'}")
+        if not r["device"].startswith("cuda"):
+            notes.append("  - peak memory on the CPU is the rise of the process's peak resident set from the first step "
+                         "on; at small sizes the allocator's arenas dominate it, so settings read alike")
         first = [x for x in results if x["preset"] == preset and x["mode"] == "first" and "error" not in x]
         on = {x["precision"]: x for x in first if x["ssl"]}
         off = {x["precision"]: x for x in first if not x["ssl"]}

@@ -258,3 +258,14 @@ def test_two_ranks_of_two_tasks_equal_one_process_of_four(tmp_path):
         torch.testing.assert_close(got["grads"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     for key, value in expected["params"].items():
         torch.testing.assert_close(got["params"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ema_follows_the_weights_by_its_decay(tmp_path, lpips_model):
+    trainer = MetaTrainer(tiny_config(tmp_path, ema_decay=0.75), perceptual=lpips_model)
+    before = {k: v.clone() for k, v in trainer.sr.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in trainer.sr_ema.state_dict().items())
+    trainer.meta_update(trainer.sample_tasks())
+    after = trainer.sr.state_dict()
+    for name, ema in trainer.sr_ema.state_dict().items():
+        torch.testing.assert_close(ema, 0.75 * before[name] + 0.25 * after[name])
+    assert "sr_ema" in trainer.state_dict() and trainer.state_dict()["sr_ema"]
