@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 
 def require_int(name: str, value, minimum: int) -> None:
@@ -35,3 +36,26 @@ def join_range_flags(argv: list[str], flags: tuple[str, ...] = ("--restorer-rang
         out.append(item)
         index += 1
     return out
+
+
+def parse_value_range(text: str, name: str = "restorer_range") -> tuple[float, float]:
+    """``"low,high"`` -> ``(low, high)`` with high > low; ValueError naming ``name`` otherwise."""
+    try:
+        low, high = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be 'low,high', e.g. '-1,1', got {text!r}") from None
+    if not high > low:
+        raise ValueError(f"{name} must have high > low, got {text!r}")
+    return low, high
+
+
+def check_folders(args, names: tuple[str, ...], paired: bool = True) -> None:
+    """ValueError naming the flag when a given folder does not exist, or (``paired``) only one of them is given."""
+    given = [getattr(args, name) is not None for name in names]
+    flags = [f"--{name.replace('_', '-')}" for name in names]
+    if paired and any(given) and not all(given):
+        raise ValueError(f"{' and '.join(flags)} go together")
+    for name, flag in zip(names, flags):
+        folder = getattr(args, name)
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder!r} is not a folder")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import yaml
 
-from metaf2n.checks import require_choice, require_int, require_number
+from metaf2n.checks import parse_value_range, require_choice, require_int, require_number
 from metaf2n.maml import MetaConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -122,13 +122,7 @@ class TrainConfig(MetaConfig):
         self.restorer_value_range()
 
     def restorer_value_range(self) -> tuple[float, float]:
-        try:
-            low, high = (float(v) for v in self.restorer_range.split(","))
-        except (AttributeError, ValueError):
-            raise ValueError(f"restorer_range must be 'low,high', e.g. '-1,1', got {self.restorer_range!r}") from None
-        if not high > low:
-            raise ValueError(f"restorer_range must have high > low, got {self.restorer_range!r}")
-        return low, high
+        return parse_value_range(self.restorer_range)
 
     def meta(self) -> MetaConfig:
         return MetaConfig(**{f.name: getattr(self, f.name) for f in fields(MetaConfig)})

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metaf2n.checks import join_range_flags
+from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
 from metaf2n.data.restorers import TorchScriptRestorer
 from metaf2n.faces.detect import HaarFaceDetector
@@ -116,12 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if (args.face_lq is None) != (args.face_hq is None):
-        parser.error("--face-lq and --face-hq go together")
-    for name in ("face_lq", "face_hq"):
-        folder = getattr(args, name)
-        if folder is not None and not Path(folder).is_dir():
-            parser.error(f"--{name.replace('_', '-')} {folder!r} is not a folder")
+    try:
+        check_folders(args, ("face_lq", "face_hq"))
+        args.restorer_range = parse_value_range(args.restorer_range, "--restorer-range")
+    except ValueError as error:
+        parser.error(str(error))
     if args.restorer is not None and not Path(args.restorer).is_file():
         parser.error(f"--restorer {args.restorer!r} is not a file")
     for name, minimum in (("patches", 1), ("steps", 0), ("tile", 0), ("tile_overlap", 0), ("restorer_size", 16),
@@ -130,13 +129,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     if args.inner_lr is not None and not args.inner_lr >= 0:
         parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
-    try:
-        low, high = (float(v) for v in args.restorer_range.split(","))
-    except ValueError:
-        parser.error(f"--restorer-range must be 'low,high', got {args.restorer_range!r}")
-    if not high > low:
-        parser.error(f"--restorer-range must have high > low, got {args.restorer_range!r}")
-    args.restorer_range = (low, high)
 
 
 def process_photo(path: Path, args, model, detector, restorer, device, out_dir: Path) -> dict:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from metaf2n.checks import join_range_flags
+from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image
 from metaf2n.data.restorers import FaceRestorer, TorchScriptRestorer
 from metaf2n.degrade import REAL_ESRGAN_X4PLUS, DegradationConfig, apply_degradation, sample_degradation
@@ -161,21 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restorer-range", default="0,1")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
-    if (args.faces is None) != (args.backgrounds is None):
-        parser.error("--faces and --backgrounds go together (neither means the embedded demo set)")
-    for name in ("faces", "backgrounds"):
-        folder = getattr(args, name)
-        if folder is not None and not Path(folder).is_dir():
-            parser.error(f"--{name} {folder!r} is not a folder")
+    try:
+        check_folders(args, ("faces", "backgrounds"))
+        value_range = parse_value_range(args.restorer_range, "--restorer-range")
+    except ValueError as error:
+        parser.error(f"{error} (neither --faces nor --backgrounds means the embedded demo set)")
     restorer = None
     if args.restorer:
         if not Path(args.restorer).is_file():
             parser.error(f"--restorer {args.restorer!r} is not a file")
-        try:
-            low, high = (float(v) for v in args.restorer_range.split(","))
-        except ValueError:
-            parser.error(f"--restorer-range must be 'low,high', got {args.restorer_range!r}")
-        restorer = TorchScriptRestorer(args.restorer, "cpu", (low, high))
+        restorer = TorchScriptRestorer(args.restorer, "cpu", value_range)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,
