@@ -28,8 +28,10 @@ GraphParams make_params(int64_t search, int64_t patch, double h, std::string_vie
 }
 
 LossWeights make_weights(double kl_weight, double l1_weight) {
-  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "kl_weight must be finite, got ", kl_weight);
-  TORCH_CHECK_VALUE(std::isfinite(l1_weight), "l1_weight must be finite, got ", l1_weight);
+  TORCH_CHECK_VALUE(std::isfinite(kl_weight) && kl_weight >= 0, "kl_weight must be a finite number >= 0, got ",
+                    kl_weight);
+  TORCH_CHECK_VALUE(std::isfinite(l1_weight) && l1_weight >= 0, "l1_weight must be a finite number >= 0, got ",
+                    l1_weight);
   return LossWeights{kl_weight, l1_weight};
 }
 

@@ -12,6 +12,8 @@ by the compiled ``torch.ops.metaf2n`` operators (C++ on the CPU, CUDA on the GPU
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,9 +22,10 @@ from . import ops
 
 __all__ = ["edge_mask", "mask_positions", "self_similarity_graph", "ssl_loss", "SelfSimilarityLoss"]
 
-# ITU-R BT.601 luma in OpenCV's 8-bit fixed point (cv2.cvtColor RGB2GRAY): Y = (9798 R + 19235 G + 3735 B + 2^14) >> 15.
-_LUMA_WEIGHTS = (9798, 19235, 3735)
-_LUMA_SHIFT = 15
+# ITU-R BT.601 luma as PIL's Image.convert("L") computes it, the grey image of the published mask generator:
+# Y = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
+_LUMA_WEIGHTS = (19595, 38470, 7471)
+_LUMA_SHIFT = 16
 _LAPLACIAN = ((0, 1, 0), (1, -4, 1), (0, 1, 0))
 
 
@@ -37,14 +40,20 @@ def _check_image(x: torch.Tensor, name: str) -> None:
 
 @torch.no_grad()
 def edge_mask(hr: torch.Tensor, threshold: float = 20.0, stride: int = 1) -> torch.Tensor:
-    """Edge pixels of ``hr`` as the published offline SSL mask computes them.
+    """Edge pixels of ``hr`` as the published offline SSL mask computes them, bit for bit.
 
-    ``hr`` (B, 3, H, W) or (B, 1, H, W) in [0, 1] is quantised to 8 bits, turned into ITU-R 601 luma (grey images
-    are used as they are), filtered with the 3x3 Laplacian [0,1,0; 1,-4,1; 0,1,0] with reflect-101 borders and
-    saturated to [0, 255] like OpenCV's uint8 output. Returns a bool (B, H, W) mask of responses ``> threshold``,
-    keeping only pixels with ``(y - x) % stride == 0``.
+    ``hr`` (B, 3, H, W) or (B, 1, H, W) in [0, 1] is quantised to 8 bits, turned into luma with PIL's
+    ``Image.convert("L")`` integer formula (grey images are used as they are), filtered with the 3x3 Laplacian
+    [0,1,0; 1,-4,1; 0,1,0] with reflect-101 borders and saturated to [0, 255] like OpenCV's ``CV_8U`` output.
+    Returns a bool (B, H, W) mask of responses ``> threshold``, keeping only pixels with ``(y - x) % stride == 0``.
+    The published masks are computed on whole training images before cropping; called on a crop, the pixels on its
+    border see reflected neighbours instead (``TaskBatch.bg_edges`` holds masks cut from the whole crop).
     """
     _check_image(hr, "hr")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
     if hr.shape[1] not in (1, 3):
         raise ValueError(f"hr must have 1 or 3 channels for the edge mask, got {hr.shape[1]}")
     if not isinstance(stride, int) or stride < 1:
@@ -119,6 +128,8 @@ def ssl_loss(
     """
     _check_image(sr, "sr")
     _check_image(hr, "hr")
+    if hr.shape != sr.shape:
+        raise ValueError(f"hr must have the shape of sr {tuple(sr.shape)}, got {tuple(hr.shape)}")
     if mask is None:
         mask = edge_mask(hr, threshold, stride)
     return ops.ssl_loss(sr, hr.detach(), mask_positions(mask, sr), search, patch, h, kl_weight, l1_weight, padding)

@@ -319,17 +319,37 @@ def test_module_matches_function(photo_pair):
 # --- edge mask --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
-def test_edge_mask_matches_opencv(name):
-    hr = photo(name, 0, 0, 200)
-    rgb = (hr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    response = cv2.Laplacian(grey, -1, ksize=1)  # uint8 output: negatives saturate to 0
-    expected = torch.from_numpy(response > 20)
+def published_mask(rgb: np.ndarray, threshold: float = 20) -> torch.Tensor:
+    """The published mask generator: PIL's convert("L"), OpenCV's 3x3 Laplacian into CV_8U, > threshold."""
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    response = cv2.Laplacian(grey, cv2.CV_8U, ksize=1)  # uint8 output: negatives saturate to 0
+    return torch.from_numpy(response > threshold)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"])
+def test_edge_mask_equals_the_published_mask_on_whole_photos(name):
+    import skimage.data
+
+    rgb = np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+    hr = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     mask = edge_mask(hr)
-    assert mask.dtype == torch.bool and mask.shape == (1, 200, 200)
-    assert torch.equal(mask[0], expected)
+    assert mask.dtype == torch.bool and mask.shape == (1, *rgb.shape[:2])
+    assert torch.equal(mask[0], published_mask(rgb))
     assert 0 < mask.float().mean() < 0.5
+
+
+def test_edge_mask_uses_pils_luma_not_opencvs():
+    # a colour whose 8-bit luma differs between the two fixed-point formulas decides the edge
+    import skimage.data
+
+    rgb = np.ascontiguousarray(skimage.data.astronaut())
+    hr = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    opencv_grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    opencv_mask = torch.from_numpy(cv2.Laplacian(opencv_grey, cv2.CV_8U, ksize=1) > 20)
+    assert not torch.equal(opencv_mask, published_mask(rgb))  # the two differ on this photo ...
+    assert torch.equal(edge_mask(hr)[0], published_mask(rgb))  # ... and we follow the published one
 
 
 def test_edge_mask_stride_and_threshold():
@@ -353,7 +373,15 @@ POS = torch.tensor([[0, 5, 5]])
     "call, error, words",
     [
         (lambda: ssl_loss(X[0], X[0]), ValueError, "sr must be a (B, C, H, W)"),
-        (lambda: ssl_loss(X, X[:, :2], torch.ones(1, 40, 40, dtype=torch.bool)), ValueError, "same shape"),
+        (lambda: ssl_loss(X, X[:, :2], torch.ones(1, 40, 40, dtype=torch.bool)), ValueError,
+         "hr must have the shape of sr"),
+        (lambda: ssl_loss(X, X[..., :39]), ValueError, "hr must have the shape of sr"),
+        (lambda: ops.ssl_loss(X, X[:, :2], POS), ValueError, "same shape"),
+        (lambda: ssl_loss(X, X, kl_weight=-1.0), ValueError, "kl_weight must be a finite number >= 0"),
+        (lambda: ssl_loss(X, X, l1_weight=float("nan")), ValueError, "l1_weight must be a finite number >= 0"),
+        (lambda: ops.ssl_loss(X, X, POS, 25, 9, 0.004, 1.0, -0.5), ValueError, "l1_weight must be"),
+        (lambda: ssl_loss(X, X, threshold="20"), TypeError, "threshold must be a number"),
+        (lambda: ssl_loss(X, X, threshold=float("nan")), ValueError, "threshold must be finite"),
         (lambda: ssl_loss(X, X.double()), TypeError, "same dtype"),
         (lambda: ssl_loss((X * 255).to(torch.uint8), X), TypeError, "sr must be a floating"),
         (lambda: ssl_loss(X, X, torch.ones(1, 40, 39, dtype=torch.bool)), ValueError, "mask must have shape"),
