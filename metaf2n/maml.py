@@ -13,7 +13,8 @@ Per task t of a :class:`~metaf2n.data.TaskBatch` (one photo, one degradation):
      through;
 
 3. the outer loss on the backgrounds with the fast weights: ``w_l1 * L1 + w_lpips * LPIPS + w_gan * GAN + w_reg *
-   reg(W) + w_ssl * SSL``; SSL's graph-L1 stays inside SSL (eq. 12), never merged into the image L1.
+   reg(W) + w_ssl * SSL``; SSL's graph-L1 stays inside SSL (eq. 12), never merged into the image L1. SSL uses the
+   batch's edge masks (cut from masks of the whole background crops, as published) when the batch has them.
 
 The network is never mutated: fast weights are a dict passed to :func:`torch.func.functional_call`.
 """
@@ -238,8 +239,11 @@ def meta_forward(
             }
         if config.w_ssl > 0:
             with timed(timings, "ssl", device):
-                ssl_ref = batch.bg_hr[t] if config.ssl_target == "hr" else batch.bg_hr_usm[t]
-                terms["ssl"] = ssl_loss(out, ssl_ref, **config.ssl_kwargs())
+                use_hr = config.ssl_target == "hr"
+                ssl_ref = batch.bg_hr[t] if use_hr else batch.bg_hr_usm[t]
+                edges = batch.bg_edges if use_hr else batch.bg_edges_usm  # cut from whole-crop masks
+                mask = edges[t] if edges is not None else None
+                terms["ssl"] = ssl_loss(out, ssl_ref, mask, **config.ssl_kwargs())
         terms["total"] = sum(weighted[key] * terms[key] for key in weighted)
         terms["inner"] = before.detach()
         for key in LOSS_KEYS:

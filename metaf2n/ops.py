@@ -106,6 +106,56 @@ def _ssl_loss_with_grad_fake(sr, hr, positions, search, patch, h, kl_weight, l1_
 # --- autograd -------------------------------------------------------------------------------------------------
 
 
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """``scale * gradient`` where ``gradient`` is an op's derivative w.r.t. ``wrt``, used only when a backward runs
+    with ``create_graph=True``: differentiable in ``scale`` (the upstream gradient), and a clear error, not a silent
+    zero, when the second derivative w.r.t. ``wrt`` is asked for."""
+
+    @staticmethod
+    def forward(ctx, scale, gradient, wrt, op_name):
+        ctx.save_for_backward(gradient)
+        ctx.op_name = op_name
+        ctx.scale_shape = scale.shape
+        return scale * gradient
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError(
+                f"second derivatives of {ctx.op_name} are not implemented: its gradient was differentiated again "
+                "(a backward with create_graph=True followed by another backward through it). Keep the SSL out of "
+                "double-backward paths, e.g. outside the inner loop of a second-order meta-step."
+            )
+        (gradient,) = ctx.saved_tensors
+        grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_scale = (grad_out * gradient).sum().reshape(ctx.scale_shape)
+        return grad_scale, None, None, None
+
+
+def _guard_double_backward(scale, gradient, wrt, op_name):
+    """``scale * gradient``, guarded by :class:`_FirstDerivativeOnly` when the backward builds a graph."""
+    if torch.is_grad_enabled() and (wrt.requires_grad or scale.requires_grad):
+        return _FirstDerivativeOnly.apply(scale, gradient, wrt, op_name)
+    return scale * gradient
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes ``value`` through; any derivative of it raises (an op whose backward has no derivative of its own)."""
+
+    @staticmethod
+    def forward(ctx, value, op_name, *inputs):
+        ctx.op_name = op_name
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError(
+            f"second derivatives of {ctx.op_name} are not implemented: its gradient was differentiated again "
+            "(a backward with create_graph=True followed by another backward through it)."
+        )
+
+
 def _graph_setup_context(ctx, inputs, output):
     image, positions, search, patch, h, padding = inputs
     ctx.save_for_backward(image, positions, output)
@@ -116,7 +166,11 @@ def _graph_backward(ctx, grad_rows):
     image, positions, rows = ctx.saved_tensors
     grad_image = None
     if ctx.needs_input_grad[0]:
-        grad_image = torch.ops.metaf2n.similarity_graph_backward(grad_rows, rows, image, positions, *ctx.params)
+        building_graph = torch.is_grad_enabled() and (image.requires_grad or grad_rows.requires_grad)
+        with torch.no_grad():
+            grad_image = torch.ops.metaf2n.similarity_graph_backward(grad_rows, rows, image, positions, *ctx.params)
+        if building_graph:
+            grad_image = _NoDoubleBackward.apply(grad_image, "metaf2n.similarity_graph", image, grad_rows)
     return grad_image, None, None, None, None, None
 
 
@@ -135,7 +189,12 @@ def _loss_backward(ctx, grad):
     sr, hr, positions = ctx.saved_tensors
     grad_sr = None
     if ctx.needs_input_grad[0]:
-        grad_sr = torch.ops.metaf2n.ssl_loss_backward(grad, sr, hr, positions, *ctx.params)
+        if torch.is_grad_enabled() and (sr.requires_grad or grad.requires_grad):
+            with torch.no_grad():  # the backward is linear in grad: differentiate it through the scale only
+                unit = torch.ops.metaf2n.ssl_loss_backward(torch.ones_like(grad), sr, hr, positions, *ctx.params)
+            grad_sr = _FirstDerivativeOnly.apply(grad, unit, sr, "metaf2n.ssl_loss")
+        else:
+            grad_sr = torch.ops.metaf2n.ssl_loss_backward(grad, sr, hr, positions, *ctx.params)
     # hr is the target: it never receives a gradient.
     return grad_sr, None, None, None, None, None, None, None, None
 
@@ -144,15 +203,15 @@ torch.library.register_autograd("metaf2n::ssl_loss", _loss_backward, setup_conte
 
 
 def _loss_with_grad_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0])
     # The second output is the first derivative itself: it carries no gradient (no double backward).
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _loss_with_grad_backward(ctx, grad_loss, grad_of_grad):
-    (grad_sr,) = ctx.saved_tensors
-    grad = None if grad_loss is None else grad_loss * grad_sr
+    grad_sr, sr = ctx.saved_tensors
+    grad = None if grad_loss is None else _guard_double_backward(grad_loss, grad_sr, sr, "metaf2n.ssl_loss")
     return grad, None, None, None, None, None, None, None, None
 
 

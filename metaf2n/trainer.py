@@ -90,6 +90,8 @@ def task_config(config: TrainConfig) -> TaskConfig:
         background_patch_size=config.background_patch_size,
         face_size=config.face_size,
         background_crop_size=config.background_crop_size,
+        edge_threshold=config.threshold,
+        edge_stride=config.stride,
         degradation=DegradationConfig(),
     )
 

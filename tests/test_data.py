@@ -310,3 +310,33 @@ def test_sampler_defaults_to_the_demo_set(demo_dirs):
     sampler = TaskSampler(config=SMALL, demo_cache_dir=demo_dirs[0].parent)
     batch = sampler.sample(1, gen(0))
     assert batch.face_gt.shape == (1, 3, 3, 32, 32) and batch.bg_hr.shape == (1, 2, 3, 32, 32)
+
+
+def test_background_edge_masks_are_cut_from_the_whole_crop():
+    from metaf2n.ssl import edge_mask
+
+    config = TaskConfig(face_patches=1, background_patches=3, face_patch_size=32, face_size=64,
+                        background_patch_size=48, background_crop_size=96)
+    batch = TaskSampler(config=config).sample(2, torch.Generator().manual_seed(4))
+    assert batch.bg_edges.shape == batch.bg_edges_usm.shape == (2, 3, 48, 48)
+    assert batch.bg_edges.dtype == torch.bool
+    border_differs = False
+    for edges, images in ((batch.bg_edges, batch.bg_hr), (batch.bg_edges_usm, batch.bg_hr_usm)):
+        on_patch = edge_mask(images.flatten(0, 1)).view_as(edges)
+        # away from the patch border the neighbours are the same, whatever was cropped or mirrored
+        assert torch.equal(edges[..., 1:-1, 1:-1], on_patch[..., 1:-1, 1:-1])
+        border_differs |= not torch.equal(edges, on_patch)
+    assert border_differs  # on the border, the whole crop's true neighbours were used
+
+
+def test_background_masks_equal_the_patch_mask_when_the_patch_is_the_whole_crop():
+    from metaf2n.ssl import edge_mask
+
+    config = TaskConfig(face_patches=1, background_patches=2, face_patch_size=32, face_size=64,
+                        background_patch_size=64, background_crop_size=64, edge_threshold=10.0, edge_stride=2)
+    batch = TaskSampler(config=config).sample(1, torch.Generator().manual_seed(2))
+    hr = batch.bg_hr[0]
+    expected = edge_mask(hr, 10.0, 2)
+    flipped = edge_mask(hr.flip(-1), 10.0, 2).flip(-1)  # a mirrored patch keeps the stride of the unmirrored crop
+    for q in range(2):
+        assert torch.equal(batch.bg_edges[0, q], expected[q]) or torch.equal(batch.bg_edges[0, q], flipped[q])

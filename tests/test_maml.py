@@ -3,6 +3,7 @@ autograd, MaskNet's path through the inner step, first- vs second-order gradient
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -72,10 +73,21 @@ def test_terms_match_a_direct_computation_without_adaptation(batch, lpips_model,
         per_task["lpips"].append(lpips_model(out, batch.bg_hr_usm[t]).mean())
         per_task["gan"].append(F.binary_cross_entropy_with_logits(disc(out), torch.ones(2, 1, 32, 32)))
         per_task["reg"].append(((w - 1) ** 2).mean() / 2)
-        target = batch.bg_hr[t] if ssl_target == "hr" else batch.bg_hr_usm[t]
-        per_task["ssl"].append(ssl_loss(out, target))
+        target, edges = (batch.bg_hr, batch.bg_edges) if ssl_target == "hr" else (batch.bg_hr_usm, batch.bg_edges_usm)
+        per_task["ssl"].append(ssl_loss(out, target[t], edges[t]))
     for key, values in per_task.items():
         torch.testing.assert_close(losses[key], torch.stack(values).mean(), rtol=2e-5, atol=1e-6, msg=key)
+
+
+def test_ssl_uses_the_batch_masks_cut_from_whole_crops(batch):
+    sr, masknet, _ = tiny_models()
+    config = MetaConfig(inner_lr=0.0, w_lpips=0.0, w_gan=0.0)
+    with_masks = meta_losses(sr, masknet, None, None, batch, config)["ssl"]
+    without = dataclasses.replace(batch, bg_edges=None, bg_edges_usm=None)  # masks computed on the patches
+    on_patches = meta_losses(sr, masknet, None, None, without, config)["ssl"]
+    recomputed = [edge_mask(batch.bg_hr[t]) for t in range(2)]
+    assert any(not torch.equal(recomputed[t], batch.bg_edges[t]) for t in range(2))  # border pixels differ
+    assert not torch.isclose(with_masks, on_patches)
 
 
 def test_ssl_target_changes_the_ssl_term(batch):

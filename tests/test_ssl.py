@@ -423,3 +423,25 @@ def test_window_padding_accepts_smaller_images_than_image_padding():
 
 def test_has_cuda_kernels_reports_a_bool():
     assert isinstance(ops.has_cuda_kernels(), bool)
+
+
+# --- second derivatives -----------------------------------------------------------------------------------------
+
+
+def _double_backward_cases(sr, hr):
+    mask = edge_mask(hr)
+    pos = torch.nonzero(mask)
+    yield "metaf2n.ssl_loss", lambda x: ssl_loss(x, hr, mask)  # the fused loss-with-gradient path
+    yield "metaf2n.ssl_loss", lambda x: torch.ops.metaf2n.ssl_loss(x, hr, pos, 25, 9, 0.004, 1000.0, 1000.0, "image")
+    yield "metaf2n.similarity_graph", lambda x: (self_similarity_graph(x, mask) ** 2).sum()
+
+
+def test_a_second_derivative_through_the_ssl_raises_instead_of_being_dropped(photo_pair):
+    sr0, hr = photo_pair
+    for name, f in _double_backward_cases(sr0, hr):
+        sr = sr0.clone().requires_grad_()
+        (plain,) = torch.autograd.grad(f(sr), sr)
+        (first,) = torch.autograd.grad(f(sr), sr, create_graph=True)
+        torch.testing.assert_close(first.detach(), plain)  # create_graph alone changes nothing
+        with pytest.raises(RuntimeError, match=f"second derivatives of {name} are not implemented"):
+            (first * first).sum().backward()

@@ -15,7 +15,9 @@ A task models one photo. Per task (following the official MetaF2N data generator
 6. each triple is mirrored horizontally with probability 1/2 (jointly).
 
 The discriminator's "real" input is ``bg_hr`` (not sharpened), the background L1/perceptual
-target is ``bg_hr_usm``.
+target is ``bg_hr_usm``. The SSL edge masks (:func:`metaf2n.ssl.edge_mask` with ``edge_threshold`` and
+``edge_stride``) are computed on the whole background crop, HR and sharpened, and cut and mirrored with the patch,
+as the published masks are computed on whole training images: pixels on a patch's border see their true neighbours.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from metaf2n.degrade import (
     sample_degradation,
     usm_sharpen,
 )
+from metaf2n.ssl import edge_mask
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,14 @@ class TaskConfig:
     texture_threshold: float = -6.0
     texture_tries: int = 6
     hflip: bool = True
+    edge_threshold: float = 20.0
+    edge_stride: int = 1
     degradation: DegradationConfig = REAL_ESRGAN_X4PLUS
 
     def __post_init__(self) -> None:
         s = self.degradation.scale
+        if isinstance(self.edge_stride, bool) or not isinstance(self.edge_stride, int) or self.edge_stride < 1:
+            raise ValueError(f"edge_stride must be an int >= 1, got {self.edge_stride!r}")
         for name in ("face_patches", "background_patches", "texture_tries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -78,7 +85,9 @@ class TaskBatch:
 
     ``face_lr`` (T,P,3,p/4,p/4), ``face_pseudo`` and ``face_gt`` (T,P,3,p,p) with p the face
     patch size; ``bg_lr`` (T,Q,3,q/4,q/4), ``bg_hr_usm`` and ``bg_hr`` (T,Q,3,q,q).
-    ``degradations`` holds each task's :class:`DegradationParams`.
+    ``degradations`` holds each task's :class:`DegradationParams`. ``bg_edges`` and ``bg_edges_usm`` (T,Q,q,q)
+    bool are the SSL edge masks of ``bg_hr`` and ``bg_hr_usm`` cut from masks of the whole background crops
+    (None in batches built by hand: the loss then computes them on the patch).
     """
 
     face_lr: torch.Tensor
@@ -88,6 +97,11 @@ class TaskBatch:
     bg_hr_usm: torch.Tensor
     bg_hr: torch.Tensor
     degradations: tuple[DegradationParams, ...]
+    bg_edges: torch.Tensor | None = None
+    bg_edges_usm: torch.Tensor | None = None
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "degradations" and getattr(self, f.name) is not None]
 
     @property
     def num_tasks(self) -> int:
@@ -95,14 +109,14 @@ class TaskBatch:
 
     def to(self, device: str | torch.device) -> "TaskBatch":
         """A copy with every image tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "degradations"}
+        moved = {name: getattr(self, name).to(device) for name in self._tensor_fields()}
         return replace(self, **moved)
 
     def select(self, start: int, stop: int) -> "TaskBatch":
         """Tasks ``start:stop`` as a TaskBatch (views, no copy); e.g. one rank's shard of a meta-batch."""
         if not 0 <= start < stop <= self.num_tasks:
             raise ValueError(f"need 0 <= start < stop <= {self.num_tasks}, got start={start}, stop={stop}")
-        images = {f.name: getattr(self, f.name)[start:stop] for f in fields(self) if f.name != "degradations"}
+        images = {name: getattr(self, name)[start:stop] for name in self._tensor_fields()}
         return replace(self, **images, degradations=self.degradations[start:stop])
 
 
@@ -182,9 +196,14 @@ class TaskSampler:
         pseudo = self.restorer(lr_up, gt=faces).to(device=self.device, dtype=faces.dtype)
 
         face_triples = [self._face_patch(face_lr[i], pseudo[i], faces[i], generator) for i in range(len(faces))]
-        bg_triples = [self._background_patch(bg_lr[j], bg_usm[j], backgrounds[j], generator) for j in range(len(bg_lr))]
+        edges = edge_mask(backgrounds, cfg.edge_threshold, cfg.edge_stride)
+        edges_usm = edge_mask(bg_usm, cfg.edge_threshold, cfg.edge_stride)
+        bg_triples = [
+            self._background_patch(bg_lr[j], bg_usm[j], backgrounds[j], edges[j], edges_usm[j], generator)
+            for j in range(len(bg_lr))
+        ]
         face_lr_p, face_pseudo_p, face_gt_p = (torch.stack(t) for t in zip(*face_triples))
-        bg_lr_p, bg_usm_p, bg_hr_p = (torch.stack(t) for t in zip(*bg_triples))
+        bg_lr_p, bg_usm_p, bg_hr_p, edges_p, edges_usm_p = (torch.stack(t) for t in zip(*bg_triples))
         return {
             "face_lr": face_lr_p,
             "face_pseudo": face_pseudo_p,
@@ -192,6 +211,8 @@ class TaskSampler:
             "bg_lr": bg_lr_p,
             "bg_hr_usm": bg_usm_p,
             "bg_hr": bg_hr_p,
+            "bg_edges": edges_p,
+            "bg_edges_usm": edges_usm_p,
             "params": params,
         }
 
@@ -221,7 +242,13 @@ class TaskSampler:
         return self._maybe_flip(triple, generator)
 
     def _background_patch(
-        self, lr: torch.Tensor, hr_usm: torch.Tensor, hr: torch.Tensor, generator: torch.Generator
+        self,
+        lr: torch.Tensor,
+        hr_usm: torch.Tensor,
+        hr: torch.Tensor,
+        edges: torch.Tensor,
+        edges_usm: torch.Tensor,
+        generator: torch.Generator,
     ) -> tuple[torch.Tensor, ...]:
         cfg = self.config
         s = cfg.degradation.scale
@@ -232,5 +259,7 @@ class TaskSampler:
             _crop(lr, top, left, lr_size),
             _crop(hr_usm, top * s, left * s, cfg.background_patch_size),
             _crop(hr, top * s, left * s, cfg.background_patch_size),
+            _crop(edges, top * s, left * s, cfg.background_patch_size),
+            _crop(edges_usm, top * s, left * s, cfg.background_patch_size),
         )
         return self._maybe_flip(triple, generator)
