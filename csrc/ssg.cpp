@@ -181,6 +181,15 @@ std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, cons
   return {loss.to(sr.scalar_type()), grad.to(sr.scalar_type())};
 }
 
+#ifdef METAF2N_WITH_CUDA
+std::vector<int64_t> cuda_shared_memory_plan(int64_t channels, int64_t search, int64_t patch, c10::string_view padding,
+                                             int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,
+                                             int64_t optin) {
+  const GraphParams p = make_params(search, patch, 1.0, view(padding));
+  return cuda::shared_memory_plan(channels, search, patch, p, mode, fast_grad, elem_bytes, static_bytes, optin);
+}
+#endif
+
 bool has_cuda_kernels() {
 #ifdef METAF2N_WITH_CUDA
   return true;
@@ -206,6 +215,12 @@ TORCH_LIBRARY(metaf2n, m) {
       "ssl_loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
       "float kl_weight, float l1_weight, str padding) -> (Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+#ifdef METAF2N_WITH_CUDA
+  m.def(
+      "_cuda_shared_memory_plan(int channels, int search, int patch, str padding, int mode, bool fast_grad, "
+      "int elem_bytes, int static_bytes, int optin) -> int[]",
+      &cuda_shared_memory_plan);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(metaf2n, CPU, m) {

@@ -6,6 +6,7 @@
 
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace metaf2n {
 
@@ -69,6 +70,12 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& w);
+// The shared-memory plan of a rows_kernel launch, computed on the host without a GPU (for tests):
+// {dynamic bytes, static bytes, channels staged at once}; ValueError when dynamic + static exceeds `optin`.
+// mode: 0 graph forward, 1 graph backward, 2 loss forward, 3 loss backward.
+std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const GraphParams& p,
+                                        int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,
+                                        int64_t optin);
 }  // namespace cuda
 #endif
 

@@ -376,3 +376,120 @@ def test_out_of_range_positions_give_nan():
         (g,) = torch.autograd.grad(loss, sr)
         torch.cuda.synchronize()
         assert torch.isfinite(g).all()
+
+
+# --- shared-memory budget, opt-in, NaN and empty-batch fixes --------------------------------------------------------
+
+
+def test_shared_memory_plan_counts_the_static_part():
+    """Runs without a GPU: the launch plan budgets dynamic + static shared memory against the opt-in limit."""
+    if not _HAS_KERNELS:
+        pytest.skip("this build of metaf2n has no CUDA kernels")
+    plan = torch.ops.metaf2n._cuda_shared_memory_plan
+    # float64, search 21, patch 17, loss backward: 49,088 dynamic bytes, 64 under a 48 KiB limit ...
+    dynamic, static, _ = plan(3, 21, 17, "image", 3, True, 8, 0, 48 * 1024)
+    assert (dynamic, static) == (49088, 0)
+    # ... which 80 static bytes push over it: refused with a message, not a failed launch
+    with pytest.raises(ValueError, match="80 of them static"):
+        plan(3, 21, 17, "image", 3, True, 8, 80, 48 * 1024)
+    dynamic, static, _ = plan(3, 21, 17, "image", 3, True, 8, 80, 232448)  # an H100/H200's opt-in limit
+    assert dynamic + static <= 232448
+    for args in [(4, 13, 21, "image", 0, True, 4), (6, 21, 7, "image", 2, True, 4)]:
+        dynamic, _, groups = plan(*args, 0, 232448)
+        assert 49072 < dynamic <= 49152 and groups >= 1
+    with pytest.raises(ValueError, match="mode"):
+        plan(3, 5, 3, "image", 7, True, 4, 0, 49152)
+
+
+NEAR_48K = [  # (dtype, channels, search, patch): dynamic shared memory in (49,072, 49,152] bytes
+    (torch.float64, 3, 21, 17),
+    (torch.float32, 4, 13, 21),
+    (torch.float32, 6, 21, 7),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("setting", NEAR_48K, ids=lambda s: f"{s[0]}-C{s[1]}-s{s[2]}p{s[3]}")
+def test_launches_whose_shared_memory_ends_next_to_48k(setting, deterministic):
+    dtype, channels, search, patch = setting
+    hr = _blurred_noise((1, channels, 40, 40), seed=21)
+    sr = (hr * 0.8 + 0.1).clamp(0, 1)
+    pos = torch.tensor([[0, 20, 20], [0, 3, 35], [0, 39, 0]])
+    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, search, patch, 0.01, "image")
+    rows_ref, graph_grad_ref = _cpu_graph(sr, pos, search, patch, 0.01, "image", torch.ones(3, search * search))
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        x = _cuda(sr, dtype).requires_grad_()
+        loss = ops.ssl_loss(x, _cuda(hr, dtype), _cuda(pos), search, patch, 0.01, 1000.0, 1000.0, "image")
+        (grad,) = torch.autograd.grad(loss, x)
+        rows = ops.similarity_graph(x, _cuda(pos), search, patch, 0.01, "image")
+        (graph_grad,) = torch.autograd.grad(rows.sum(), x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=tol["loss"], atol=0)
+    assert _grad_err(grad, grad_ref) < tol["grad"]
+    torch.testing.assert_close(rows.double().cpu(), rows_ref, atol=tol["rows"], rtol=0)
+    assert _grad_err(graph_grad, graph_grad_ref) < tol["grad"]
+
+
+@needs_gpu
+def test_concurrent_host_threads_launch_different_sizes():
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = [(3, 5, 3), (3, 21, 17), (4, 13, 21), (6, 21, 7), (3, 25, 9)] * 4
+    hr = {c: _blurred_noise((1, c, 40, 40), seed=22 + c) for c in (3, 4, 6)}
+    pos = _cuda(torch.tensor([[0, 20, 20], [0, 5, 30]]))
+
+    def run(setting):
+        channels, search, patch = setting
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            x = _cuda(hr[channels] * 0.9, torch.float32).requires_grad_()
+            loss = ops.ssl_loss(x, _cuda(hr[channels], torch.float32), pos, search, patch, 0.01, 1000.0, 1000.0,
+                                "image")
+            (g,) = torch.autograd.grad(loss, x)
+        stream.synchronize()
+        return loss.item(), g.cpu()
+
+    serial = [run(s) for s in settings]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(run, settings))
+    for (l1, g1), (l2, g2) in zip(serial, parallel):
+        assert l1 == pytest.approx(l2, rel=1e-6) and torch.allclose(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nan_in_hr_gives_a_nan_gradient_as_on_the_cpu(deterministic):
+    hr = _blurred_noise((1, 3, 32, 32), seed=23)
+    sr = (hr * 0.9).clamp(0, 1)
+    hr[0, 1, 16, 17] = float("nan")
+    pos = torch.tensor([[0, 16, 16], [0, 4, 28]])
+    _, grad_cpu = _cpu_loss(sr, hr, pos, 7, 3, 0.01, "image")
+    assert torch.isnan(grad_cpu).any()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        x = _cuda(sr, torch.float32).requires_grad_()
+        loss = ops.ssl_loss(x, _cuda(hr, torch.float32), _cuda(pos), 7, 3, 0.01, 1000.0, 1000.0, "image")
+        (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad).any()  # CUDA's max(NaN, 1e-10) used to return 1e-10 and a finite gradient
+
+
+@needs_gpu
+def test_deterministic_backward_of_an_empty_batch_with_rows():
+    x = torch.zeros(0, 3, 32, 32, device="cuda", requires_grad=True)
+    pos = _cuda(torch.tensor([[0, 5, 5]]))  # out of range: there is no image 0
+    torch.use_deterministic_algorithms(True)
+    try:
+        (g_loss,) = torch.autograd.grad(ops.ssl_loss(x, x.detach(), pos, 7, 3, 0.01, 1000.0, 1000.0, "image"), x)
+        rows = ops.similarity_graph(x, pos, 7, 3, 0.01, "image")
+        (g_graph,) = torch.autograd.grad(rows, x, torch.ones_like(rows))
+        torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert g_loss.shape == g_graph.shape == (0, 3, 32, 32)

@@ -46,7 +46,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
+#include <vector>
 
 namespace metaf2n::cuda {
 
@@ -63,6 +66,9 @@ __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
+// std::max's rule, (a < b) ? b : a: a NaN in `a` stays NaN, as on the CPU (CUDA's max/fmax would drop it).
+template <typename T>
+__device__ __forceinline__ T max_keep_nan(T a, T b) { return a < b ? b : a; }
 __device__ __forceinline__ float abs_(float v) { return fabsf(v); }
 __device__ __forceinline__ double abs_(double v) { return fabs(v); }
 
@@ -423,8 +429,8 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
       if (ok) {
         for (int k = tid; k < K; k += nthreads) {
           const acc_t S = D[k] * isr, H = D[K + k] * ihr;
-          const acc_t t = max(H, prob_floor);
-          lp += a.kl * (t * (log_(t) - log_(max(S, prob_floor)))) + a.l1 * abs_(S - H);
+          const acc_t t = max_keep_nan(H, prob_floor);
+          lp += a.kl * (t * (log_(t) - log_(max_keep_nan(S, prob_floor)))) + a.l1 * abs_(S - H);
         }
       }
       block_sum2(lp, unused, red);
@@ -440,7 +446,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
           const acc_t S = D[k] * isr, H = D[K + k] * ihr;
           const acc_t diff = S - H;
           const acc_t sgn = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : acc_t(0));
-          if (S >= prob_floor) tu += max(H, prob_floor);
+          if (S >= prob_floor) tu += max_keep_nan(H, prob_floor);
           ss += S * sgn;
         }
       }
@@ -454,7 +460,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
           const acc_t S = D[k] * isr, H = D[K + k] * ihr;
           const acc_t diff = S - H;
           const acc_t sgn = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : acc_t(0));
-          const acc_t tk = S >= prob_floor ? max(H, prob_floor) : acc_t(0);
+          const acc_t tk = S >= prob_floor ? max_keep_nan(H, prob_floor) : acc_t(0);
           w = a.factor * (A * (S * tu - tk) + Bw * S * (sgn - ss));
         }
         if (fast_grad) {
@@ -648,6 +654,12 @@ __global__ void fold_kernel(const Geometry g, const acc_t* __restrict__ gpad, sc
 // ---------------------------------------------------------------------------------------------------------------
 // Host side.
 
+// A kernel's static shared memory and the device's per-block opt-in limit (static + dynamic must fit it).
+struct SharedLimits {
+  int64_t static_bytes;
+  int64_t optin;
+};
+
 int max_shared_optin(int device) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -676,9 +688,12 @@ Geometry base_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphPa
   return g;
 }
 
-Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, bool fast_grad, size_t elem,
-                       int device) {
-  Geometry g = base_geometry(image.size(0), image.size(1), image.size(2), image.size(3), p);
+// Shared-memory layout and channel group size of a rows_kernel launch (host only, no CUDA call: tested on the CPU
+// through metaf2n::_cuda_shared_memory_plan). A block's static shared memory counts against the same per-block limit as
+// the dynamic part: dynamic + static must fit `limits.optin`.
+Geometry plan_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphParams& p, int mode, bool fast_grad,
+                       size_t elem, const SharedLimits& limits, const char* dtype_name) {
+  Geometry g = base_geometry(B, C, H, W, p);
   g.chunks = ceil_div(g.n, kM);
   g.chunks_c = ceil_div(g.side, kM);
   g.chunks_q = ceil_div(g.P, kM);
@@ -696,7 +711,7 @@ Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, 
   g.ngrad = graph ? 2 : 1;
 
   const int64_t side_lines = static_cast<int64_t>(g.side) * g.stride;
-  auto layout = [&](int cg) {
+  auto layout = [&](int cg) {  // bytes of dynamic shared memory with cg channels staged at once
     int64_t off = 0;
     g.off_tiles = off;
     off += round_up(g.nslots * cg * side_lines, 2);
@@ -710,14 +725,13 @@ Geometry make_geometry(const at::Tensor& image, const GraphParams& p, int mode, 
     off += 64;
     return off * static_cast<int64_t>(elem);
   };
-  const int64_t optin = max_shared_optin(device);
-  const int64_t one = layout(1);
-  TORCH_CHECK_VALUE(one <= optin, "search ", p.search, " with patch ", p.patch, " needs ", one,
-                    " bytes of shared memory per block for ", image.scalar_type(),
-                    " images, more than this GPU allows (", optin,
+  const int64_t one = layout(1) + limits.static_bytes;
+  TORCH_CHECK_VALUE(one <= limits.optin, "search ", p.search, " with patch ", p.patch, " needs ", one,
+                    " bytes of shared memory per block (", limits.static_bytes, " of them static) for ", dtype_name,
+                    " images, more than this GPU allows (", limits.optin,
                     "); use a smaller search window or patch (or float32 instead of float64)");
   int cg = 1;
-  while (cg < g.C && layout(cg + 1) <= std::max<int64_t>(kSoftSharedBytes, one)) ++cg;
+  while (cg < g.C && layout(cg + 1) + limits.static_bytes <= std::max<int64_t>(kSoftSharedBytes, one)) ++cg;
   g.cg = cg;
   layout(cg);
   return g;
@@ -735,16 +749,40 @@ int threads_for(const Geometry& g, int mode) {
   return static_cast<int>(std::clamp<int64_t>(round_up(items, 32), 64, kMaxThreads));
 }
 
+// Static shared memory of a rows_kernel instantiation and the opt-in limit of `device`; the kernel's maximum
+// dynamic shared memory is raised to what the device allows once per (device, kernel), under a lock, so that
+// concurrent host threads never race on the attribute.
+template <typename scalar_t, typename acc_t, int kMode>
+SharedLimits rows_kernel_limits(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, SharedLimits> ready;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = ready.find(device);
+  if (found != ready.end()) return found->second;
+  auto kernel = rows_kernel<scalar_t, acc_t, kMode>;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  SharedLimits limits{static_cast<int64_t>(attributes.sharedSizeBytes), max_shared_optin(device)};
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(limits.optin - limits.static_bytes)));
+  ready.emplace(device, limits);
+  return limits;
+}
+
+template <typename scalar_t, typename acc_t, int kMode>
+Geometry make_geometry(const at::Tensor& image, const GraphParams& p, bool fast_grad) {
+  const SharedLimits limits = rows_kernel_limits<scalar_t, acc_t, kMode>(image.get_device());
+  return plan_geometry(image.size(0), image.size(1), image.size(2), image.size(3), p, kMode, fast_grad,
+                       sizeof(acc_t), limits, c10::toString(image.scalar_type()));
+}
+
 template <typename scalar_t, typename acc_t, int kMode>
 void launch_rows(const RowArgs<scalar_t, acc_t>& args, int64_t blocks, cudaStream_t stream) {
   if (blocks == 0) return;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "too many rows for one launch: ", args.N);
-  const int64_t bytes = shared_bytes(args.g, sizeof(acc_t));
-  auto kernel = rows_kernel<scalar_t, acc_t, kMode>;
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-  kernel<<<static_cast<unsigned>(blocks), threads_for(args.g, kMode), bytes, stream>>>(args);
+  const int64_t bytes = shared_bytes(args.g, sizeof(acc_t));  // within the limit set by rows_kernel_limits
+  rows_kernel<scalar_t, acc_t, kMode>
+      <<<static_cast<unsigned>(blocks), threads_for(args.g, kMode), bytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -767,6 +805,9 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
                                   const GraphParams& p, cudaStream_t stream) {
   const int64_t N = positions.size(0);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // No pixel to receive a gradient (B = 0 with rows left, whose positions are all out of range): zero-block grids
+  // would fail to launch.
+  if (x.numel() == 0) return at::zeros_like(x, at::MemoryFormat::Contiguous);
   TORCH_CHECK(N <= std::numeric_limits<int>::max() && B * H * W <= std::numeric_limits<int>::max(),
               "deterministic SSL backward supports at most 2^31 rows and pixels");
   const at::Tensor b = positions.select(1, 0), y = positions.select(1, 1), xx = positions.select(1, 2);
@@ -813,7 +854,7 @@ at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, c
   const at::Tensor x = image.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry(x, p, kGraphForward, false, sizeof(acc_t), x.get_device());
+    const Geometry g = make_geometry<scalar_t, acc_t, kGraphForward>(x, p, false);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
     a.img0 = x.data_ptr<scalar_t>();
     a.rows_out = out.data_ptr<scalar_t>();
@@ -841,7 +882,7 @@ at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, c
   at::Tensor gacc = at::zeros(x.sizes(), x.options().dtype(acc_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry(x, p, kGraphBackward, true, sizeof(acc_t), x.get_device());
+    const Geometry g = make_geometry<scalar_t, acc_t, kGraphBackward>(x, p, true);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
     a.img0 = x.data_ptr<scalar_t>();
     a.rows_in = S.data_ptr<acc_t>();
@@ -862,7 +903,7 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
   at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry(x, p, kLossForward, false, sizeof(acc_t), x.get_device());
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossForward>(x, p, false);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
     a.img0 = x.data_ptr<scalar_t>();
     a.img1 = t.data_ptr<scalar_t>();
@@ -895,7 +936,7 @@ at::Tensor loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry(x, p, kLossBackward, !det, sizeof(acc_t), x.get_device());
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossBackward>(x, p, !det);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
     a.img0 = x.data_ptr<scalar_t>();
     a.img1 = t.data_ptr<scalar_t>();
@@ -935,6 +976,19 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
   at::Tensor grad = loss_gradient(nullptr, x, hr.contiguous(), positions, p, lw, &partial);
   const at::Tensor total = at::sum(partial, at::kDouble);
   return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
+}
+
+std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const GraphParams& p,
+                                        int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,
+                                        int64_t optin) {
+  TORCH_CHECK_VALUE(mode >= kGraphForward && mode <= kLossBackward, "mode must be 0..3, got ", mode);
+  TORCH_CHECK_VALUE(elem_bytes == 4 || elem_bytes == 8, "elem_bytes must be 4 or 8, got ", elem_bytes);
+  TORCH_CHECK_VALUE(channels >= 1, "channels must be >= 1, got ", channels);
+  const int64_t side = 2 * (p.s() + p.f()) + 1;
+  const Geometry g = plan_geometry(1, channels, side, side, p, static_cast<int>(mode), fast_grad,
+                                   static_cast<size_t>(elem_bytes), SharedLimits{static_bytes, optin},
+                                   elem_bytes == 8 ? "Double" : "Float");
+  return {shared_bytes(g, static_cast<size_t>(elem_bytes)), static_bytes, g.cg};
 }
 
 }  // namespace metaf2n::cuda
