@@ -27,9 +27,11 @@ from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
 from metaf2n.data.restorers import TorchScriptRestorer
 from metaf2n.faces.detect import HaarFaceDetector
+from metaf2n.faces.retinaface import RetinaFaceDetector
 from metaf2n.inference import (
     adapt_to_faces,
     faces_from_files,
+    faces_from_landmarks,
     faces_from_photo,
     load_model,
     sample_face_patches,
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a metaf2n checkpoint (OUT/checkpoints/latest.pt) or a Real-ESRGAN RRDBNet x4plus one")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights when it has them")
     faces = parser.add_argument_group("faces")
+    faces.add_argument("--detector", default="haar",
+                       help="haar (OpenCV's cascade, square crops) or retinaface:PATH (RetinaFace weights, e.g. "
+                            "detection_Resnet50_Final.pth: five landmarks, faces aligned to the FFHQ template)")
+    faces.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan",
+                       help="FFHQ template for aligned faces (retinaface detector)")
     faces.add_argument("--restorer", help="TorchScript face restorer (GPEN/GFPGAN/CodeFormer export)")
     faces.add_argument("--restorer-range", default="0,1", help="the restorer's value range, e.g. -1,1 (default 0,1)")
     faces.add_argument("--restorer-size", type=int, default=512, help="face side the restorer expects (default 512)")
@@ -121,6 +128,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.restorer_range = parse_value_range(args.restorer_range, "--restorer-range")
     except ValueError as error:
         parser.error(str(error))
+    if args.detector != "haar":
+        kind, _, path = args.detector.partition(":")
+        if kind != "retinaface" or not path:
+            parser.error(f"--detector must be haar or retinaface:PATH, got {args.detector!r}")
+        if not Path(path).is_file():
+            parser.error(f"--detector weights {path!r} are not a file")
     if args.restorer is not None and not Path(args.restorer).is_file():
         parser.error(f"--restorer {args.restorer!r} is not a file")
     for name, minimum in (("patches", 1), ("steps", 0), ("tile", 0), ("tile_overlap", 0), ("restorer_size", 16),
@@ -153,6 +166,14 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
             pairs = faces_from_files(lq_files, hq_files, read_image)
     elif restorer is None:
         record["reason"] = "no pseudo-HQ faces: give --restorer or --face-lq/--face-hq"
+    elif isinstance(detector, RetinaFaceDetector):
+        rgb = (photo.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()
+        detections = detector.detect_faces(rgb)
+        record["faces_found"] = len(detections)
+        pairs = faces_from_landmarks(photo.to(device), [d.landmarks for d in detections], restorer,
+                                     args.restorer_size, args.template)
+        if not pairs:
+            record["reason"] = "no face detected"
     else:
         pairs, record["faces_found"] = faces_from_photo(photo.to(device), detector, restorer, args.restorer_size,
                                                         args.face_margin)
@@ -199,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     if model.masknet is None:
         logger.warning("no MaskNet in %s: the face loss is unweighted (W = 1)", args.checkpoint)
     restorer = TorchScriptRestorer(args.restorer, device, args.restorer_range) if args.restorer else None
-    detector = HaarFaceDetector(min_size=args.min_face)
+    if args.detector == "haar":
+        detector = HaarFaceDetector(min_size=args.min_face)
+    else:
+        try:
+            detector = RetinaFaceDetector(args.detector.partition(":")[2], device)
+        except ValueError as error:
+            parser.error(f"--detector: {error}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.jsonl"

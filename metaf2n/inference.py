@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +109,33 @@ def faces_from_photo(
         restored = restorer(up.clamp(0, 1))[0]
         pairs.append(FacePair(crop, resize_image(restored, (SCALE * side, SCALE * side)), (top, left, side)))
     return pairs, len(boxes)
+
+
+def faces_from_landmarks(
+    photo: torch.Tensor,
+    landmarks: Sequence,
+    restorer: FaceRestorer,
+    restorer_size: int = 512,
+    template: str = "gfpgan",
+) -> list[FacePair]:
+    """Faces aligned by five landmarks (LR photo pixels): the affine onto the ``template``'s FFHQ points at
+    ``restorer_size`` (GFPGAN: partial-affine LMEDS, GPEN: least-squares similarity), scaled by 1/4, cuts the LQ face
+    (``restorer_size / 4``) from the LR photo; its bicubic x4 upsampling is restored at ``restorer_size``."""
+    from metaf2n.faces.align import GFPGAN_TEMPLATE_512, GPEN_TEMPLATE_512, alignment, scaled, warp_face
+
+    if restorer_size % SCALE:
+        raise ValueError(f"restorer_size must be a multiple of {SCALE}, got {restorer_size}")
+    points, fit = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}[template]
+    rgb = photo.permute(1, 2, 0).clamp(0, 1).cpu().numpy().astype(np.float32) * 255
+    lq_size = restorer_size // SCALE
+    pairs = []
+    for marks in landmarks:
+        affine = alignment(marks, points, restorer_size, fit)
+        face = torch.from_numpy(warp_face(rgb, scaled(affine, 1 / SCALE), lq_size) / 255).permute(2, 0, 1).clamp(0, 1)
+        face = face.to(photo.device, photo.dtype)
+        up = F.interpolate(face[None], scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1)
+        pairs.append(FacePair(face, restorer(up)[0]))
+    return pairs
 
 
 def faces_from_files(lq_paths: Sequence[str | os.PathLike], hq_paths: Sequence[str | os.PathLike],

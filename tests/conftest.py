@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -37,3 +39,31 @@ def lpips_model():
         return lpips_alex()
     except FileNotFoundError as error:
         pytest.fail(f"LPIPS weights are missing: {error}")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real (tiny) training checkpoint: one warm-up and two meta-steps of the trainer."""
+    out = tmp_path_factory.mktemp("train")
+    args = ["--num-feat", "8", "--num-block", "1", "--num-grow-ch", "8", "--masknet-feat", "8", "--d-num-feat", "8",
+            "--tasks", "1", "--face-patches", "1", "--background-patches", "1", "--face-patch-size", "32",
+            "--face-size", "64", "--background-patch-size", "32", "--background-crop-size", "64", "--val-tasks", "1",
+            "--warmup-steps", "20", "--steps", "2", "--device", "cpu", "--quiet", "--out", str(out)]
+    from metaf2n import train as train_cli
+
+    assert train_cli.main(args) == 0
+    return out / "checkpoints" / "latest.pt"
+
+
+@pytest.fixture(scope="session")
+def restorer_file(tmp_path_factory) -> Path:
+    """A tiny TorchScript 'restorer' working in [-1, 1] (a fixed 3x3 smoothing)."""
+
+    class Smooth(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3,
+                                                  stride=1)
+
+    path = tmp_path_factory.mktemp("restorer") / "smooth.pt"
+    torch.jit.script(Smooth()).save(str(path))
+    return path

@@ -19,7 +19,6 @@ from PIL import Image
 from conftest import degraded, photo
 from metaf2n import evaluate as evaluate_cli
 from metaf2n import infer as infer_cli
-from metaf2n import train as train_cli
 from metaf2n.data.make_testset import make_testset
 from metaf2n.data.restorers import TorchScriptRestorer
 from metaf2n.faces import HaarFaceDetector
@@ -43,33 +42,8 @@ def save_rgb(path: Path, image: torch.Tensor) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A real (tiny) training checkpoint: one warm-up and two meta-steps of the trainer."""
-    out = tmp_path_factory.mktemp("train")
-    args = ["--num-feat", "8", "--num-block", "1", "--num-grow-ch", "8", "--masknet-feat", "8", "--d-num-feat", "8",
-            "--tasks", "1", "--face-patches", "1", "--background-patches", "1", "--face-patch-size", "32",
-            "--face-size", "64", "--background-patch-size", "32", "--background-crop-size", "64", "--val-tasks", "1",
-            "--warmup-steps", "20", "--steps", "2", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert train_cli.main(args) == 0
-    return out / "checkpoints" / "latest.pt"
-
-
-@pytest.fixture(scope="module")
 def testset(tmp_path_factory) -> Path:
     return make_testset(tmp_path_factory.mktemp("sets") / "iid", "iid", count=3, seed=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def restorer_file(tmp_path_factory) -> Path:
-    """A tiny TorchScript 'restorer' working in [-1, 1] (a fixed 3x3 smoothing)."""
-
-    class Smooth(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-
-    path = tmp_path_factory.mktemp("restorer") / "smooth.pt"
-    torch.jit.script(Smooth()).save(str(path))
-    return path
 
 
 def tiny_model(seed: int = 0) -> SRModel:
