@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
-from metaf2n.data.restorers import TorchScriptRestorer
 from metaf2n.faces.detect import HaarFaceDetector
+from metaf2n.faces.restorers import NetworkRestorer, load_restorer
 from metaf2n.faces.retinaface import RetinaFaceDetector
 from metaf2n.inference import (
     adapt_to_faces,
@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "detection_Resnet50_Final.pth: five landmarks, faces aligned to the FFHQ template)")
     faces.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan",
                        help="FFHQ template for aligned faces (retinaface detector)")
-    faces.add_argument("--restorer", help="TorchScript face restorer (GPEN/GFPGAN/CodeFormer export)")
+    faces.add_argument("--restorer", help="gfpgan:PATH (GFPGANv1.3/1.4.pth), gpen:PATH (GPEN-BFR-512/256.pth) or "
+                                          "torchscript:PATH / PATH (a TorchScript export)")
     faces.add_argument("--restorer-range", default="0,1", help="the restorer's value range, e.g. -1,1 (default 0,1)")
-    faces.add_argument("--restorer-size", type=int, default=512, help="face side the restorer expects (default 512)")
+    faces.add_argument("--restorer-size", type=int, default=512,
+                       help="face side a TorchScript restorer expects (default 512; GFPGAN/GPEN use their own)")
     faces.add_argument("--face-lq", help="precomputed LR faces, files named after the photo (NAME.png or NAME_k.png)")
     faces.add_argument("--face-hq", help="their pseudo-HQ faces, same names")
     faces.add_argument("--face-margin", type=float, default=1.5, help="crop side / detected box side (default 1.5)")
@@ -134,8 +136,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--detector must be haar or retinaface:PATH, got {args.detector!r}")
         if not Path(path).is_file():
             parser.error(f"--detector weights {path!r} are not a file")
-    if args.restorer is not None and not Path(args.restorer).is_file():
-        parser.error(f"--restorer {args.restorer!r} is not a file")
     for name, minimum in (("patches", 1), ("steps", 0), ("tile", 0), ("tile_overlap", 0), ("restorer_size", 16),
                           ("min_face", 1)):
         if getattr(args, name) < minimum:
@@ -219,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no images found in the inputs")
     if model.masknet is None:
         logger.warning("no MaskNet in %s: the face loss is unweighted (W = 1)", args.checkpoint)
-    restorer = TorchScriptRestorer(args.restorer, device, args.restorer_range) if args.restorer else None
+    restorer = None
+    if args.restorer:
+        try:
+            restorer = load_restorer(args.restorer, device, args.restorer_range)
+        except ValueError as error:
+            parser.error(str(error))
+        if isinstance(restorer, NetworkRestorer):
+            args.restorer_size = restorer.size
     if args.detector == "haar":
         detector = HaarFaceDetector(min_size=args.min_face)
     else:

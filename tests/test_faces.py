@@ -305,3 +305,133 @@ def test_infer_refuses_a_bad_detector_flag(tmp_path, capsys):
         infer_cli.main([str(tmp_path), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c.pt"),
                         "--detector", "mtcnn:x.pth"])
     assert "--detector must be haar or retinaface:PATH" in capsys.readouterr().err
+
+
+# --- restorers: GFPGAN v1.3/v1.4 and GPEN-BFR -------------------------------------------------------------------
+from metaf2n.faces.gfpgan import GFPGANv1Clean  # noqa: E402
+from metaf2n.faces.gpen import GPEN, fused_leaky_relu, upfirdn2d  # noqa: E402
+from metaf2n.faces.restorers import NetworkRestorer, load_restorer  # noqa: E402
+
+# (count, spot checks of names and shapes) of the released files, from their published layouts
+RELEASED_LAYOUTS = {
+    "GFPGANv1.4": (lambda: GFPGANv1Clean(), 285, {
+        "conv_body_first.weight": (32, 3, 1, 1),
+        "conv_body_down.6.skip.weight": (256, 256, 1, 1),
+        "final_linear.weight": (16 * 512, 256 * 16),
+        "condition_scale.6.2.weight": (32, 32, 3, 3),
+        "stylegan_decoder.style_mlp.15.weight": (512, 512),
+        "stylegan_decoder.constant_input.weight": (1, 512, 4, 4),
+        "stylegan_decoder.style_convs.13.modulated_conv.weight": (1, 64, 64, 3, 3),
+        "stylegan_decoder.to_rgbs.6.modulated_conv.modulation.weight": (64, 512),
+        "stylegan_decoder.noises.noise14": (1, 1, 512, 512),
+        "toRGB.6.weight": (3, 32, 1, 1),
+    }),
+    "GPEN-BFR-512": (lambda: GPEN(512), 163, {
+        "ecd0.0.0.weight": (64, 3, 1, 1),
+        "ecd0.0.1.bias": (64,),
+        "ecd1.0.0.kernel": (4, 4),
+        "ecd7.0.1.weight": (512, 512, 3, 3),
+        "final_linear.0.weight": (512, 8192),
+        "generator.style.8.weight": (512, 512),
+        "generator.input.input": (1, 512, 4, 4),
+        "generator.conv1.activate.bias": (1024,),
+        "generator.convs.12.conv.blur.kernel": (4, 4),
+        "generator.convs.13.conv.weight": (1, 64, 128, 3, 3),
+        "generator.to_rgbs.6.upsample.kernel": (4, 4),
+        "generator.to_rgbs.6.conv.weight": (1, 3, 128, 1, 1),
+    }),
+    "GPEN-BFR-256": (lambda: GPEN(256), 144, {
+        "ecd0.0.0.weight": (32, 3, 1, 1),
+        "generator.input.input": (1, 256, 4, 4),
+        "generator.convs.11.conv.weight": (1, 32, 64, 3, 3),
+        "final_linear.0.weight": (512, 256 * 16),
+    }),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_LAYOUTS))
+def test_restorer_layouts_match_the_released_files(name):
+    build, count, spots = RELEASED_LAYOUTS[name]
+    state = build().state_dict()
+    assert len(state) == count
+    for key, shape in spots.items():
+        assert tuple(state[key].shape) == shape, key
+    if name == "GFPGANv1.4":
+        assert sum(k.startswith("stylegan_decoder.noises.") for k in state) == 15
+    if name == "GPEN-BFR-512":
+        assert sum(k.endswith(".kernel") for k in state) == 21
+
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "gfpgan":
+        return GFPGANv1Clean(out_size=64, num_style_feat=32, narrow=0.25)
+    return GPEN(64, style_dim=32, channel_multiplier=1, narrow=0.25)
+
+
+@pytest.mark.parametrize("kind,layout", [("gfpgan", "params_ema"), ("gpen", "module.")])
+def test_restorer_files_load_strictly_and_restore_in_range(kind, layout, tmp_path):
+    model = _tiny(kind)
+    state = model.state_dict()
+    saved = {"params_ema": state, "params": {k: v * 0 for k, v in state.items()}} if layout == "params_ema" else {
+        "module." + k: v for k, v in state.items()}
+    path = tmp_path / f"{kind}.pth"
+    torch.save(saved, path)
+    restorer = load_restorer(f"{kind}:{path}")
+    assert isinstance(restorer, NetworkRestorer) and restorer.size == 64
+    for key, value in restorer.model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # params_ema preferred over params
+    faces = torch.rand(2, 3, 64, 64)
+    out = restorer(faces)
+    assert out.shape == faces.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    with torch.no_grad():
+        expected = ((model.eval()(faces * 2 - 1) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_restorer_file_of_another_model_is_refused_by_name(tmp_path):
+    path = tmp_path / "gpen.pth"
+    torch.save(_tiny("gpen").state_dict(), path)
+    with pytest.raises(ValueError, match="not a GFPGANv1Clean checkpoint"):
+        load_restorer(f"gfpgan:{path}")
+    broken = {k: v for k, v in _tiny("gfpgan").state_dict().items() if "toRGB.1" not in k}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="missing keys.*toRGB.1"):
+        load_restorer(f"gfpgan:{tmp_path / 'broken.pth'}")
+
+
+def test_upfirdn2d_and_the_fused_activation_equal_their_definitions():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64)
+    k = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    up, pad = 2, (2, 1)
+    # definition: zero-insert, pad, correlate with the flipped kernel (= convolve with the kernel)
+    z = torch.zeros(1, 2, 5 * up, 6 * up, dtype=torch.float64)
+    z[..., ::up, ::up] = x
+    z = torch.nn.functional.pad(z, (pad[0], pad[1], pad[0], pad[1]))
+    h, w = z.shape[-2] - 3, z.shape[-1] - 3
+    expected = torch.zeros(1, 2, h, w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            for a in range(4):
+                for b in range(4):
+                    expected[..., i, j] += z[..., i + a, j + b] * k[3 - a, 3 - b]
+    torch.testing.assert_close(upfirdn2d(x, k, up=up, pad=pad), expected)
+    torch.testing.assert_close(upfirdn2d(x, k, down=2, pad=(2, 1)), upfirdn2d(x, k, pad=(2, 1))[..., ::2, ::2])
+    bias = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    y = x + bias.view(1, 2, 1, 1)
+    torch.testing.assert_close(fused_leaky_relu(x, bias), torch.where(y > 0, y, 0.2 * y) * math.sqrt(2))
+
+
+@pytest.mark.parametrize("kind", ["gfpgan", "gpen"])
+def test_infer_with_retinaface_and_a_released_style_restorer(kind, tmp_path, checkpoint):
+    weights = released_file(tmp_path, "mobilenet0.25", _one_face_level)
+    restorer_path = tmp_path / f"{kind}.pth"
+    torch.save({"params_ema": _tiny(kind).state_dict()}, restorer_path)
+    photo = np.ascontiguousarray(__import__("skimage.data", fromlist=["astronaut"]).astronaut())
+    Image.fromarray(np.asarray(Image.fromarray(photo).resize((96, 96), Image.BICUBIC))).save(tmp_path / "p.png")
+    out = tmp_path / "out"
+    assert infer_cli.main([str(tmp_path / "p.png"), "-o", str(out), "--checkpoint", str(checkpoint), "--detector",
+                           f"retinaface:{weights}", "--restorer", f"{kind}:{restorer_path}", "--quiet"]) == 0
+    (record,) = read_jsonl(out / "summary.jsonl")
+    assert record["faces_used"] >= 1 and record["adapted"]

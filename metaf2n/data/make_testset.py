@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image
-from metaf2n.data.restorers import FaceRestorer, TorchScriptRestorer
+from metaf2n.data.restorers import FaceRestorer
 from metaf2n.degrade import REAL_ESRGAN_X4PLUS, DegradationConfig, apply_degradation, sample_degradation
 from metaf2n.visualize import save_png
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="GT side (default 512)")
     parser.add_argument("--face-min", type=int, default=192)
     parser.add_argument("--face-max", type=int, default=256)
-    parser.add_argument("--restorer", help="TorchScript restorer for Face_HQ (default: the GT face)")
+    parser.add_argument("--restorer", help="gfpgan:PATH, gpen:PATH or torchscript:PATH for Face_HQ (default: the GT face)")
     parser.add_argument("--restorer-range", default="0,1")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{error} (neither --faces nor --backgrounds means the embedded demo set)")
     restorer = None
     if args.restorer:
-        if not Path(args.restorer).is_file():
-            parser.error(f"--restorer {args.restorer!r} is not a file")
-        restorer = TorchScriptRestorer(args.restorer, "cpu", value_range)
+        from metaf2n.faces.restorers import load_restorer
+
+        try:
+            restorer = load_restorer(args.restorer, "cpu", value_range)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,
