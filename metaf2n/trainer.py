@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metaf2n.config import TrainConfig, dump_yaml
-from metaf2n.data import TaskBatch, TaskConfig, TaskSampler, TorchScriptRestorer
+from metaf2n.data import TaskBatch, TaskConfig, TaskSampler
 from metaf2n.degrade import DegradationConfig
 from metaf2n.distributed import DistInfo, average_gradients, average_scalars, gather_tensors
 from metaf2n.io import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
@@ -104,10 +104,10 @@ def make_sampler(config: TrainConfig, device: torch.device) -> TaskSampler:
     if (config.faces is None) != (config.backgrounds is None):
         raise ValueError("--faces and --backgrounds go together (neither means the embedded demo set)")
     restorer = None
-    if config.restorer is not None:
-        if not os.path.isfile(config.restorer):
-            raise ValueError(f"--restorer {config.restorer!r} is not an existing TorchScript file")
-        restorer = TorchScriptRestorer(config.restorer, device, config.restorer_value_range())
+    if config.restorer is not None:  # gfpgan:PATH | gpen:PATH | torchscript:PATH | PATH (TorchScript)
+        from metaf2n.faces.restorers import load_restorer
+
+        restorer = load_restorer(config.restorer, device, config.restorer_value_range())
     return TaskSampler(config.faces, config.backgrounds, restorer, task_config(config), device)
 
 

@@ -269,3 +269,18 @@ def test_ema_follows_the_weights_by_its_decay(tmp_path, lpips_model):
     for name, ema in trainer.sr_ema.state_dict().items():
         torch.testing.assert_close(ema, 0.75 * before[name] + 0.25 * after[name])
     assert "sr_ema" in trainer.state_dict() and trainer.state_dict()["sr_ema"]
+
+
+def test_training_takes_a_released_style_restorer_for_pseudo_labels(tmp_path):
+    from metaf2n.faces.gpen import GPEN
+    from metaf2n.trainer import make_sampler
+
+    torch.manual_seed(0)
+    path = tmp_path / "gpen.pth"
+    torch.save({"params_ema": GPEN(64, style_dim=32, channel_multiplier=1, narrow=0.25).state_dict()}, path)
+    config = tiny_config(tmp_path, restorer=f"gpen:{path}")
+    batch = make_sampler(config, torch.device("cpu")).sample(1, torch.Generator().manual_seed(0))
+    assert batch.face_pseudo.shape == batch.face_gt.shape
+    assert not torch.allclose(batch.face_pseudo, batch.face_gt, atol=0.05)  # not the ground-truth oracle
+    with pytest.raises(ValueError, match="not a GFPGANv1Clean checkpoint"):
+        make_sampler(tiny_config(tmp_path, restorer=f"gfpgan:{path}"), torch.device("cpu"))
