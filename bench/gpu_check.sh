@@ -62,6 +62,9 @@ step train_tests "$PY" -m pytest -q -rfEs tests/test_maml.py tests/test_losses.p
 step train_paper_cuda "$PY" -m metaf2n.train --preset paper --device cuda --precision bf16 --steps 3 --val-every 3 \
   --ckpt-every 3 --val-tasks 1 --quiet --out "$RESULTS/paper_run"
 step bench_train "$PY" bench/bench_train.py --presets demo paper --device cuda --steps 5 --out "$RESULTS"
+# Real-photo faces (issue 10): the face tests on the GPU machine, then detectors and restorers per second.
+step faces_tests "$PY" -m pytest -q -rfEs tests/test_faces.py
+step bench_faces "$PY" bench/bench_faces.py --device cuda --batches 1 8 --repeats 3 --out "$RESULTS"
 
 echo "=== summary (results in $RESULTS)"
 cat "$SUMMARY"

@@ -292,9 +292,10 @@ def test_infer_with_retinaface_aligns_restores_and_adapts(tmp_path, checkpoint, 
     out = tmp_path / "out"
     code = infer_cli.main([str(tmp_path / "photo.png"), "-o", str(out), "--checkpoint", str(checkpoint),
                            "--detector", f"retinaface:{weights}", "--restorer", str(restorer_file),
-                           "--restorer-range", "-1,1", "--restorer-size", "64", "--quiet"])
+                           "--restorer-range", "-1,1", "--restorer-size", "64", "--face-preview", "--quiet"])
     assert code == 0
     (record,) = read_jsonl(out / "summary.jsonl")
+    assert Image.open(out / record["face_preview"]).size == (384, 384)
     assert record["faces_found"] >= 1 and record["faces_used"] == record["faces_found"]
     assert record["adapted"] and record["inner_after"] < record["inner_before"]
     assert Image.open(out / "photo.png").size == (384, 384)
@@ -435,3 +436,16 @@ def test_infer_with_retinaface_and_a_released_style_restorer(kind, tmp_path, che
                            f"retinaface:{weights}", "--restorer", f"{kind}:{restorer_path}", "--quiet"]) == 0
     (record,) = read_jsonl(out / "summary.jsonl")
     assert record["faces_used"] >= 1 and record["adapted"]
+
+
+def test_make_testset_can_cut_faces_by_detection_and_alignment(tmp_path):
+    from metaf2n.data.make_testset import make_testset
+
+    detector = RetinaFaceDetector(released_file(tmp_path, "mobilenet0.25", _one_face_level))
+    out = make_testset(tmp_path / "set", "iid", count=2, seed=0, size=128, face_min=64, face_max=64, progress=False,
+                       detector=detector)
+    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    assert manifest["face_source"] == "detected and aligned" and manifest["not_detected"] == []
+    for name in ("0000", "0001"):
+        assert Image.open(out / "Face_LQ" / f"{name}.png").size == (128, 128)
+        assert Image.open(out / "Face_HQ" / f"{name}.png").size == (512, 512)

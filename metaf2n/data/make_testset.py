@@ -77,6 +77,31 @@ def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, gen
     return gt, (top, left, face_side)
 
 
+def _aligned_faces(detector, lq: torch.Tensor, gt: torch.Tensor, restorer, template: str):
+    """(Face_LQ 128 px, Face_HQ 512 px, box) of the first detected face, aligned as metaf2n.infer aligns it."""
+    from metaf2n.faces.align import GFPGAN_TEMPLATE_512, GPEN_TEMPLATE_512, alignment, scaled, warp_face
+
+    rgb = (lq.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    faces = detector.detect_faces(rgb)
+    if not faces:
+        return None
+    points, fit = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}[template]
+    affine = alignment(faces[0].landmarks, points, 512, fit)  # LQ pixels -> 512 px face
+
+    def warp(image: torch.Tensor, matrix, size: int) -> torch.Tensor:
+        array = image.permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32) * 255
+        return torch.from_numpy(warp_face(array, matrix, size) / 255).permute(2, 0, 1).float().clamp(0, 1)
+
+    face_lq = warp(lq, scaled(affine, 0.25), 128)
+    if restorer is None:
+        face_hq = warp(gt, np.hstack([affine[:, :2] / 4, affine[:, 2:]]), 512)  # GT pixel = 4 x LQ pixel
+    else:
+        up = F.interpolate(face_lq[None], scale_factor=4, mode="bicubic", align_corners=False)
+        face_hq = restorer(up.clamp(0, 1))[0]
+    x, y, w, h = faces[0].xywh()
+    return face_lq, face_hq, (y, x, max(w, h))
+
+
 def make_testset(
     out: str | os.PathLike,
     mode: str = "iid",
@@ -89,8 +114,15 @@ def make_testset(
     face_max: int = 256,
     restorer: FaceRestorer | None = None,
     progress: bool = True,
+    detector=None,
+    template: str = "gfpgan",
 ) -> Path:
-    """Write the test set (see the module doc) to ``out`` atomically (a temporary sibling folder renamed)."""
+    """Write the test set (see the module doc) to ``out`` atomically (a temporary sibling folder renamed).
+
+    With a ``detector`` (a :class:`~metaf2n.faces.retinaface.RetinaFaceDetector`), ``Face_LQ``/``Face_HQ`` are cut as
+    ``metaf2n.infer`` cuts them: the first detected face of the LQ photo aligned by its landmarks to the ``template``
+    (LQ face 128 px, HQ face 512 px: the GT under the same alignment, or the restorer's output); a photo where nothing
+    is detected keeps the pasted face's square, and ``manifest.json`` says which photos those are."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     if count < 1:
@@ -113,7 +145,7 @@ def make_testset(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     generator = torch.Generator().manual_seed(seed)
-    boxes, names = {}, []
+    boxes, names, undetected = {}, [], []
     try:
         for index in tqdm(range(count), desc=f"test set ({mode})", unit="photo", disable=not progress):
             name = f"{index:04d}"
@@ -123,12 +155,18 @@ def make_testset(
             params = sample_degradation(generator, MODES[mode])
             lq = apply_degradation(params, gt[None], generator)[0]
             box = (top // 4, left // 4, side // 4)
-            face_lq = lq[:, box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
-            if restorer is None:
-                face_hq = gt[:, top : top + side, left : left + side]
+            aligned = _aligned_faces(detector, lq, gt, restorer, template) if detector is not None else None
+            if aligned is not None:
+                face_lq, face_hq, box = aligned
             else:
-                up = F.interpolate(face_lq[None], size=(side, side), mode="bicubic", align_corners=False)
-                face_hq = restorer(up.clamp(0, 1))[0]
+                if detector is not None:
+                    undetected.append(name)
+                face_lq = lq[:, box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
+                if restorer is None:
+                    face_hq = gt[:, top : top + side, left : left + side]
+                else:
+                    up = F.interpolate(face_lq[None], size=(side, side), mode="bicubic", align_corners=False)
+                    face_hq = restorer(up.clamp(0, 1))[0]
             for folder, image in (("GT", gt), ("LQ", lq), ("Face_LQ", face_lq), ("Face_HQ", face_hq)):
                 rgb = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
                 save_png(staging / folder / f"{name}.png", rgb)
@@ -137,7 +175,9 @@ def make_testset(
         (staging / "faces.json").write_text(json.dumps(boxes, indent=1))
         manifest = {"mode": mode, "count": count, "seed": seed, "size": size, "face_range": [face_min, face_max],
                     "faces": os.fspath(faces_dir), "backgrounds": os.fspath(backgrounds_dir),
-                    "face_hq": "ground truth" if restorer is None else "restorer", "images": names}
+                    "face_hq": "ground truth" if restorer is None else "restorer", "images": names,
+                    "face_source": "paste box" if detector is None else "detected and aligned",
+                    "not_detected": undetected}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.rename(staging, target)
     finally:
@@ -159,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face-max", type=int, default=256)
     parser.add_argument("--restorer", help="gfpgan:PATH, gpen:PATH or torchscript:PATH for Face_HQ (default: the GT face)")
     parser.add_argument("--restorer-range", default="0,1")
+    parser.add_argument("--detector", help="retinaface:PATH: cut Face_LQ/Face_HQ by detection + alignment, as infer "
+                                           "does (default: the pasted face's square)")
+    parser.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
     try:
@@ -174,10 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             restorer = load_restorer(args.restorer, "cpu", value_range)
         except ValueError as error:
             parser.error(str(error))
+    detector = None
+    if args.detector:
+        kind, _, weights = args.detector.partition(":")
+        if kind != "retinaface" or not Path(weights).is_file():
+            parser.error(f"--detector must be retinaface:PATH with an existing file, got {args.detector!r}")
+        from metaf2n.faces.retinaface import RetinaFaceDetector
+
+        try:
+            detector = RetinaFaceDetector(weights)
+        except ValueError as error:
+            parser.error(f"--detector: {error}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,
-                            args.face_min, args.face_max, restorer, not args.quiet)
+                            args.face_min, args.face_max, restorer, not args.quiet, detector, args.template)
     except ValueError as error:
         parser.error(str(error))
     print(f"test set written to {path}")

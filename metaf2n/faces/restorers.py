@@ -22,10 +22,12 @@ class NetworkRestorer(FaceRestorer):
 
     ``lr_up`` (B, 3, H, W) in [0, 1] is resized to ``size`` if needed, restored, and resized back."""
 
-    def __init__(self, model: nn.Module, size: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, size: int, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.size = int(size)
         self.device = torch.device(device)
+        self.precision = precision  # bf16 / fp16 autocast on CUDA only
 
     @torch.no_grad()
     def __call__(self, lr_up: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +36,9 @@ class NetworkRestorer(FaceRestorer):
         size = x.shape[-2:]
         if tuple(size) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        out = (self.model(x.clamp(0, 1) * 2 - 1).float() + 1) / 2
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None and self.device.type == "cuda"):
+            out = (self.model(x.clamp(0, 1) * 2 - 1).float() + 1) / 2
         if tuple(size) != (self.size, self.size):
             out = F.interpolate(out, size=size, mode="bicubic", align_corners=False, antialias=True)
         return out.clamp(0, 1).to(lr_up.device, lr_up.dtype)
@@ -79,7 +83,7 @@ def gpen_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def load_restorer(spec: str, device: str | torch.device = "cpu",
-                  value_range: tuple[float, float] = (0.0, 1.0)) -> FaceRestorer:
+                  value_range: tuple[float, float] = (0.0, 1.0), precision: str = "fp32") -> FaceRestorer:
     """``gfpgan:PATH`` | ``gpen:PATH`` | ``torchscript:PATH`` | ``PATH`` (TorchScript, ``value_range``)."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in KINDS:
@@ -94,4 +98,4 @@ def load_restorer(spec: str, device: str | torch.device = "cpu",
     size = model.out_size if kind == "gfpgan" else model.size
     if size != 2 ** round(math.log2(size)):
         raise ValueError(f"unexpected face size {size} in {path!r}")
-    return NetworkRestorer(model, size, device)
+    return NetworkRestorer(model, size, device, precision)
