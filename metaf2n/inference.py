@@ -123,16 +123,15 @@ def faces_from_landmarks(
     """Faces aligned by five landmarks (LR photo pixels): the affine onto the ``template``'s FFHQ points at
     ``restorer_size`` (GFPGAN: partial-affine LMEDS, GPEN: least-squares similarity), scaled by 1/4, cuts the LQ face
     (``restorer_size / 4``) from the LR photo; its bicubic x4 upsampling is restored at ``restorer_size``."""
-    from metaf2n.faces.align import GFPGAN_TEMPLATE_512, GPEN_TEMPLATE_512, alignment, scaled, warp_face
+    from metaf2n.faces.align import scaled, template_alignment, warp_face
 
     if restorer_size % SCALE:
         raise ValueError(f"restorer_size must be a multiple of {SCALE}, got {restorer_size}")
-    points, fit = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}[template]
     rgb = photo.permute(1, 2, 0).clamp(0, 1).cpu().numpy().astype(np.float32) * 255
     lq_size = restorer_size // SCALE
     affines, faces = [], []
     for marks in landmarks:
-        affine = alignment(marks, points, restorer_size, fit)
+        affine = template_alignment(marks, template, restorer_size)
         face = torch.from_numpy(warp_face(rgb, scaled(affine, 1 / SCALE), lq_size) / 255).permute(2, 0, 1)
         affines.append(affine)
         faces.append(face.clamp(0, 1).to(photo.device, photo.dtype))

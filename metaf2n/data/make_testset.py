@@ -79,14 +79,13 @@ def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, gen
 
 def _aligned_faces(detector, lq: torch.Tensor, gt: torch.Tensor, restorer, template: str):
     """(Face_LQ 128 px, Face_HQ 512 px, box) of the first detected face, aligned as metaf2n.infer aligns it."""
-    from metaf2n.faces.align import GFPGAN_TEMPLATE_512, GPEN_TEMPLATE_512, alignment, scaled, warp_face
+    from metaf2n.faces.align import scaled, template_alignment, warp_face
 
     rgb = (lq.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
     faces = detector.detect_faces(rgb)
     if not faces:
         return None
-    points, fit = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}[template]
-    affine = alignment(faces[0].landmarks, points, 512, fit)  # LQ pixels -> 512 px face
+    affine = template_alignment(faces[0].landmarks, template, 512)  # LQ pixels -> 512 px face
 
     def warp(image: torch.Tensor, matrix, size: int) -> torch.Tensor:
         array = image.permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32) * 255

@@ -21,6 +21,7 @@ GPEN_TEMPLATE_512 = np.array(
     [[202.04, 242.88], [309.43, 242.29], [256.08, 303.96], [211.96, 366.83], [300.89, 366.34]], dtype=np.float64
 )
 FITS = ("lmeds", "least_squares")
+TEMPLATES = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}
 BORDER_VALUE = (135, 133, 132)  # facexlib's grey outside the photo
 
 
@@ -58,6 +59,14 @@ def alignment(landmarks: np.ndarray, template_512: np.ndarray = GFPGAN_TEMPLATE_
     if affine is None:
         raise ValueError("the landmarks are degenerate: no similarity transform fits them")
     return affine
+
+
+def template_alignment(landmarks: np.ndarray, template: str = "gfpgan", size: int = 512) -> np.ndarray:
+    """:func:`alignment` onto a restorer's template by name: ``"gfpgan"`` (LMEDS) or ``"gpen"`` (least squares)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {template!r}")
+    points, fit = TEMPLATES[template]
+    return alignment(landmarks, points, size, fit)
 
 
 def scaled(affine: np.ndarray, factor: float) -> np.ndarray:
