@@ -264,7 +264,7 @@ def test_backward_is_deterministic_across_thread_counts(photo_pair):
     grads = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 1, 2):
+        for n in (1, 3, 5, 8, 2):
             torch.set_num_threads(n)
             x = sr.clone().requires_grad_()
             ssl_loss(x, hr, mask).backward()
@@ -415,14 +415,17 @@ def test_bad_input_is_reported_by_name(call, error, words):
 
 
 def test_window_padding_accepts_smaller_images_than_image_padding():
-    x = smooth_random((1, 3, 14, 14), seed=14)  # the defaults pad by 12 ("window") or 16 ("image")
-    assert ssl_loss(x, x.flip(3), padding="window", threshold=0).item() >= 0
+    x = smooth_random((1, 3, 14, 14), seed=14).double()  # the defaults pad by 12 ("window") or 16 ("image")
+    mask = edge_mask(x, threshold=0)
+    expected = reference.ssl_loss(x.flip(3), x, torch.nonzero(mask), padding="window")
+    torch.testing.assert_close(ssl_loss(x.flip(3), x, mask, padding="window"), expected)
     with pytest.raises(ValueError, match="smaller than the window"):
         ssl_loss(x, x.flip(3), padding="image")
 
 
-def test_has_cuda_kernels_reports_a_bool():
-    assert isinstance(ops.has_cuda_kernels(), bool)
+def test_has_cuda_kernels_matches_the_dispatcher():
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key("metaf2n::ssl_loss", "CUDA")
+    assert ops.has_cuda_kernels() is registered
 
 
 # --- second derivatives -----------------------------------------------------------------------------------------
@@ -445,3 +448,56 @@ def test_a_second_derivative_through_the_ssl_raises_instead_of_being_dropped(pho
         torch.testing.assert_close(first.detach(), plain)  # create_graph alone changes nothing
         with pytest.raises(RuntimeError, match=f"second derivatives of {name} are not implemented"):
             (first * first).sum().backward()
+
+
+# --- README claims ----------------------------------------------------------------------------------------------
+
+
+def _largest_allocation(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0] + [0])
+
+
+def test_the_fused_loss_never_allocates_an_n_by_k_tensor(photo_pair):
+    sr, hr = photo_pair
+    mask = edge_mask(hr)
+    n, k = int(mask.sum()), 25 * 25
+    nk_bytes = n * k * 4
+
+    def ours():
+        x = sr.clone().requires_grad_()
+        ssl_loss(x, hr, mask).backward()
+
+    def building_rows():  # the positive control: the reference holds all N x K rows at once
+        x = sr.clone().requires_grad_()
+        reference.ssl_loss(x, hr, torch.nonzero(mask), chunk=n).backward()
+
+    assert _largest_allocation(building_rows) >= nk_bytes  # the check can see an N x K tensor ...
+    assert _largest_allocation(ours) < nk_bytes / 2  # ... and the fused loss has none
+
+
+def test_nan_in_hr_gives_a_nan_loss_and_gradient(photo_pair):
+    sr, hr = photo_pair
+    mask = edge_mask(hr)
+    bad = hr.clone()
+    pos = torch.nonzero(mask)[0]
+    bad[pos[0], 1, pos[1], pos[2]] = float("nan")
+    x = sr.clone().requires_grad_()
+    loss = ssl_loss(x, bad, mask)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(x.grad).any()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_reduced_precision_gradients_match_float32(photo_pair, dtype, tol):
+    sr, hr = photo_pair
+    mask = edge_mask(hr)
+    low = sr.to(dtype).requires_grad_()
+    ssl_loss(low, hr.to(dtype), mask).backward()
+    full = sr.to(dtype).float().requires_grad_()  # the same rounded values, computed in float32
+    ssl_loss(full, hr.to(dtype).float(), mask).backward()
+    scale = full.grad.abs().max()
+    assert (low.grad.float() - full.grad).abs().max() <= tol * scale
