@@ -17,8 +17,7 @@ import yaml
 
 from metaf2n.checks import parse_value_range, require_choice, require_int, require_number
 from metaf2n.maml import MetaConfig
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from metaf2n.precision import PRECISIONS
 
 # The model and data sizes of each preset (see the README for what they are for).
 PRESETS: dict[str, dict] = {

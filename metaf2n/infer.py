@@ -30,8 +30,8 @@ from metaf2n.faces.restorers import NetworkRestorer, load_restorer
 from metaf2n.faces.retinaface import RetinaFaceDetector
 from metaf2n.inference import (
     adapt_to_faces,
-    faces_from_files,
     face_preview,
+    faces_from_files,
     faces_from_landmarks,
     faces_from_photo,
     load_model,

@@ -16,7 +16,6 @@ the next photo.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -33,11 +32,11 @@ from metaf2n.data.restorers import FaceRestorer
 from metaf2n.faces.detect import FaceDetector, square_around
 from metaf2n.maml import adapt, face_weights, inner_loss
 from metaf2n.models import MaskNet, RRDBNet, load_pretrained
+from metaf2n.precision import autocast
 
 logger = logging.getLogger(__name__)
 
 SCALE = RRDBNet.scale
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -71,13 +70,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", ema:
     if model.masknet is not None:
         model.masknet.to(device).eval().requires_grad_(False)
     return model
-
-
-def autocast(device: torch.device, precision: str):
-    if precision not in ("fp32", *AUTOCAST_DTYPES):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # --- faces -------------------------------------------------------------------------------------------------------

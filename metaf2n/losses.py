@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaf2n.precision import at_least_float32
 from metaf2n.weights import ALEXNET_CONV_INDICES, find_lpips_alexnet
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class LPIPSAlex(nn.Module):
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-        missing = self.net.net.load_state_dict(_backbone_state(backbone, source), strict=True)
-        assert not missing.missing_keys and not missing.unexpected_keys
+        self.net.net.load_state_dict(_backbone_state(backbone, source), strict=True)
         self._check_linear_layers_loaded()
         for parameter in self.parameters():
             parameter.requires_grad_(False)
@@ -95,8 +95,7 @@ def lpips_alex(weights: str | os.PathLike | None = None, device: str | torch.dev
 
 def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
     """Mean binary cross-entropy of per-pixel logits against the label ``real`` (float32 under autocast)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = at_least_float32(logits)
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
     return F.binary_cross_entropy_with_logits(logits, target)
 
@@ -105,9 +104,7 @@ def masknet_regulariser(weights: torch.Tensor, form: str = "mean_square") -> tor
     """``mean((W - 1)^2) / 2`` (``"mean_square"``, the official code) or ``||W - 1||_2`` (``"l2_norm"``, eq. 10)."""
     if form not in REG_FORMS:
         raise ValueError(f"form must be one of {REG_FORMS}, got {form!r}")
-    if weights.dtype in (torch.float16, torch.bfloat16):
-        weights = weights.float()
-    deviation = weights - 1
+    deviation = at_least_float32(weights) - 1
     if form == "mean_square":
         return deviation.pow(2).mean() / 2
     return torch.linalg.vector_norm(deviation)

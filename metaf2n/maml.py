@@ -34,12 +34,13 @@ from torch.func import functional_call
 from metaf2n.checks import require_choice, require_int, require_number
 from metaf2n.data.tasks import TaskBatch
 from metaf2n.losses import REG_FORMS, gan_loss, masknet_regulariser
+from metaf2n.ops import PADDINGS
+from metaf2n.precision import at_least_float32 as _full
 from metaf2n.ssl import ssl_loss
 
 MODES = ("first", "second")
 SSL_TARGETS = ("hr", "usm")
 LOSS_KEYS = ("total", "l1", "lpips", "gan", "reg", "ssl", "inner")
-PADDINGS = ("image", "window")
 
 
 @dataclass(frozen=True)
@@ -108,18 +109,13 @@ def timed(timings: dict[str, float] | None, name: str, device: torch.device):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when autocast made it half or bfloat16; float32/float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def face_weights(masknet: nn.Module, face_lr: torch.Tensor, face_pseudo: torch.Tensor) -> torch.Tensor:
     """MaskNet's per-pixel weights (P,1,H,W) from LR faces (P,3,h,w) and their pseudo labels (P,3,H,W)."""
     up = F.interpolate(face_lr, size=face_pseudo.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
     return masknet(up, face_pseudo)
 
 
-Faces = "torch.Tensor | Sequence[torch.Tensor]"
+Faces = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _groups(*tensors):

@@ -16,7 +16,6 @@ from a checkpoint continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from metaf2n.checks import check_folders
 from metaf2n.config import TrainConfig, dump_yaml
 from metaf2n.data import TaskBatch, TaskConfig, TaskSampler
 from metaf2n.degrade import DegradationConfig
@@ -37,6 +37,7 @@ from metaf2n.io import append_jsonl, atomic_torch_save, atomic_write_text, read_
 from metaf2n.losses import gan_loss, lpips_alex
 from metaf2n.maml import evaluate_adaptation, meta_forward, timed
 from metaf2n.models import MaskNet, RRDBNet, UNetDiscriminatorSN, load_pretrained
+from metaf2n.precision import autocast
 from metaf2n.visualize import sample_grid, save_loss_curve, save_png
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 VAL_SEED_OFFSET = 7919
 LOG_LOSS_KEYS = ("total", "l1", "lpips", "gan", "reg", "ssl", "inner")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,12 +97,7 @@ def task_config(config: TrainConfig) -> TaskConfig:
 
 
 def make_sampler(config: TrainConfig, device: torch.device) -> TaskSampler:
-    for name in ("faces", "backgrounds"):
-        folder = getattr(config, name)
-        if folder is not None and not os.path.isdir(folder):
-            raise ValueError(f"--{name} {folder!r} is not an existing folder")
-    if (config.faces is None) != (config.backgrounds is None):
-        raise ValueError("--faces and --backgrounds go together (neither means the embedded demo set)")
+    check_folders(config, ("faces", "backgrounds"))  # neither means the embedded demo set
     restorer = None
     if config.restorer is not None:  # gfpgan:PATH | gpen:PATH | torchscript:PATH | PATH (TorchScript)
         from metaf2n.faces.restorers import load_restorer
@@ -160,10 +155,7 @@ class MetaTrainer:
 
     # --- one update -------------------------------------------------------------------------------------------
     def autocast(self):
-        dtype = AUTOCAST_DTYPES.get(self.config.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.config.precision)
 
     @property
     def local_tasks(self) -> int:

@@ -249,7 +249,6 @@ def test_paste_back_of_the_unchanged_face_restores_the_photo():
     affine = alignment(points, size=256)
     face = warp_face(rgb, affine, 256)
     pasted = paste_face(rgb, face, affine)
-    inside = np.zeros(rgb.shape[:2], np.float32)
     inverse = cv2.invertAffineTransform(affine)
     inside = cv2.warpAffine(np.ones((256, 256), np.float32), inverse, (rgb.shape[1], rgb.shape[0])) > 0.999
     diff = np.abs(pasted.astype(int) - rgb.astype(int))[inside]

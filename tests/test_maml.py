@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from metaf2n.data import TaskConfig, TaskSampler
-from metaf2n.losses import gan_loss
 from metaf2n.maml import MetaConfig, adapt, face_weights, inner_loss, meta_forward, meta_losses
 from metaf2n.models import MaskNet, RRDBNet, UNetDiscriminatorSN
 from metaf2n.ssl import edge_mask, ssl_loss

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from metaf2n import ops, reference
 from metaf2n.ssl import SelfSimilarityLoss, edge_mask, self_similarity_graph, ssl_loss
 
-from conftest import degraded, photo
+from conftest import photo
 
 SETTINGS = [
     dict(search=25, patch=9, padding="image"),

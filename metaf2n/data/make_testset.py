@@ -35,6 +35,7 @@ from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image
 from metaf2n.data.restorers import FaceRestorer
 from metaf2n.degrade import REAL_ESRGAN_X4PLUS, DegradationConfig, apply_degradation, sample_degradation
+from metaf2n.faces.align import feather
 from metaf2n.visualize import save_png
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,6 @@ OOD_DEGRADATION = replace(
 MODES: dict[str, DegradationConfig] = {"iid": REAL_ESRGAN_X4PLUS, "ood": OOD_DEGRADATION}
 
 
-def feathered_mask(side: int, feather: int) -> torch.Tensor:
-    """(1, side, side) weights: 1 inside, ramping linearly to 0 over ``feather`` pixels at the border."""
-    ramp = torch.ones(side)
-    if feather > 0:
-        edge = (torch.arange(feather, dtype=torch.float32) + 0.5) / feather
-        ramp[:feather] = edge
-        ramp[-feather:] = edge.flip(0)
-    return torch.outer(ramp, ramp)[None]
-
-
 def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, generator: torch.Generator):
     """Composite ``face`` (3, f, f) resized to ``face_side`` into ``background`` (3, S, S); returns the GT image and
     the paste box (top, left, side) in GT pixels, top and left multiples of 4."""
@@ -70,7 +61,7 @@ def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, gen
     face = resize_image(face, (face_side, face_side))
     top = 4 * int(torch.randint(0, (size - face_side) // 4 + 1, (), generator=generator))
     left = 4 * int(torch.randint(0, (size - face_side) // 4 + 1, (), generator=generator))
-    alpha = feathered_mask(face_side, face_side // 8)
+    alpha = torch.from_numpy(feather(face_side, face_side // 8))[None]
     gt = background.clone()
     region = gt[:, top : top + face_side, left : left + face_side]
     gt[:, top : top + face_side, left : left + face_side] = alpha * face + (1 - alpha) * region

@@ -13,6 +13,7 @@ from torch import nn
 
 from metaf2n.data.restorers import FaceRestorer, TorchScriptRestorer, _check_faces
 from metaf2n.models.checkpoint import extract_state_dict, load_pretrained
+from metaf2n.precision import autocast
 
 KINDS = ("gfpgan", "gpen", "torchscript")
 
@@ -36,8 +37,7 @@ class NetworkRestorer(FaceRestorer):
         size = x.shape[-2:]
         if tuple(size) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None and self.device.type == "cuda"):
+        with autocast(self.device, self.precision if self.device.type == "cuda" else "fp32"):
             out = (self.model(x.clamp(0, 1) * 2 - 1).float() + 1) / 2
         if tuple(size) != (self.size, self.size):
             out = F.interpolate(out, size=size, mode="bicubic", align_corners=False, antialias=True)
