@@ -35,8 +35,9 @@ def smooth_images(batch=2, size=64, seed=0):
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def identity_params(quality=100, noise=NoiseParams()):
+def identity_params(quality=100, noise=None):
     """A pipeline with no blur, no intermediate rescaling and no sinc filter."""
+    noise = NoiseParams() if noise is None else noise
     stage = StageParams(kernel=None, kernel_type="none", resize_scale=1.0, resize_mode="area", noise=noise, jpeg_quality=quality)
     return DegradationParams(
         first=stage, second=stage, final_resize_mode="area", sinc_kernel=None, jpeg_last=True, noise_seed=0
@@ -330,3 +331,239 @@ def test_degradation_on_gpu_matches_cpu_without_noise():
     gpu = apply_degradation(params, images.cuda())
     assert gpu.is_cuda
     assert (gpu.cpu() - cpu).abs().max() <= 2 / 255  # JPEG input may round differently by one level
+
+
+# ----------------------------------------------------------------------------- kernel draws and edge cases
+
+
+def test_kernel_size_and_shape_parameters_are_validated_at_their_bounds():
+    assert torch.equal(kernels.gaussian_kernel(1, 1.0), torch.ones(1, 1))  # the smallest odd size is valid
+    for size in (0, -1, 7.0):
+        with pytest.raises(ValueError, match="positive odd int"):
+            kernels.gaussian_kernel(size, 1.0)
+    for sx, sy in ((0.0, 1.0), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="sigma_x and sigma_y must be > 0"):
+            kernels.gaussian_kernel(7, sx, sy)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        kernels.generalized_gaussian_kernel(7, 1.0, beta=0.0)
+    with pytest.raises(ValueError, match="cutoff"):
+        kernels.sinc_kernel(7, 0.0)
+    assert torch.isfinite(kernels.sinc_kernel(7, math.pi)).all()  # pi itself is allowed
+
+
+def test_default_shape_parameters_are_gaussian_and_unrotated():
+    # beta = 1 turns the generalised Gaussian into the Gaussian; theta defaults to 0 (no rotation)
+    assert torch.allclose(kernels.generalized_gaussian_kernel(15, 1.7, 2.2), kernels.gaussian_kernel(15, 1.7, 2.2),
+                          atol=1e-7)
+    size, sx, sy = 11, 2.5, 1.0
+    axis = np.arange(size) - size // 2
+    xx, yy = np.meshgrid(axis, axis)
+    q = (xx / sx) ** 2 + (yy / sy) ** 2  # beta = 1, theta = 0
+    plateau = 1 / (1 + q)
+    assert np.allclose(kernels.plateau_kernel(size, sx, sy).numpy(), plateau / plateau.sum(), atol=1e-7)
+
+
+def test_choice_validates_its_weights():
+    with pytest.raises(ValueError, match="options must not be empty"):
+        kernels.choice(gen(), [])
+    for probs in ([1.0], [1.0, -0.5], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="non-negative weights with a positive sum"):
+            kernels.choice(gen(), ["a", "b"], probs)
+    assert {kernels.choice(gen(i), ["a", "b"], [0.0, 2.0]) for i in range(20)} == {"b"}  # a zero weight is allowed
+
+
+def test_random_beta_is_drawn_below_or_above_one_with_equal_odds():
+    g = gen(3)
+    betas = np.array([kernels._random_beta(g, (0.5, 4.0)) for _ in range(400)])
+    below = betas < 1
+    assert 0.42 < below.mean() < 0.58
+    assert betas[below].min() >= 0.5 and betas[below].max() < 1 and betas[below].min() < 0.55
+    assert betas[~below].max() <= 4.0 and betas[~below].min() < 1.1 and betas[~below].max() > 3.8
+
+
+def test_sinc_cutoff_range_depends_on_the_kernel_size():
+    g = gen(5)
+    for size, low in ((11, math.pi / 3), (13, math.pi / 5), (21, math.pi / 5)):
+        cutoffs = [kernels.random_sinc_cutoff(g, size) for _ in range(300)]
+        assert low <= min(cutoffs) < low + 0.05 and math.pi - 0.05 < max(cutoffs) <= math.pi
+
+
+@pytest.mark.parametrize("kind", kernels.KERNEL_TYPES)
+def test_random_mixed_kernel_follows_the_documented_draw(kind):
+    """Each type, drawn with a twin generator in the documented order: type, sigma_x, [sigma_y, theta], [beta]."""
+    sigma, betag, betap = (0.2, 3.0), (0.5, 4.0), (1.0, 2.0)
+    for seed in range(4):
+        kernel, name = kernels.random_mixed_kernel(gen(seed), 15, [kind, "iso"], [1.0, 0.0], sigma, betag, betap)
+        assert name == kind
+        twin = gen(seed)
+        assert kernels.choice(twin, [kind, "iso"], [1.0, 0.0]) == kind
+        sx = kernels.uniform(twin, *sigma)
+        sy, theta = (kernels.uniform(twin, *sigma), kernels.uniform(twin, -math.pi, math.pi)) if "aniso" in kind \
+            else (sx, 0.0)
+        if kind in ("iso", "aniso"):
+            expected = kernels.gaussian_kernel(15, sx, sy, theta)
+        elif kind.startswith("generalized"):
+            expected = kernels.generalized_gaussian_kernel(15, sx, sy, theta, kernels._random_beta(twin, betag))
+        else:
+            expected = kernels.plateau_kernel(15, sx, sy, theta, kernels._random_beta(twin, betap))
+        assert torch.equal(kernel, expected)
+        isotropic = torch.allclose(kernel, kernel.T, atol=1e-7)
+        assert isotropic == ("aniso" not in kind)
+
+
+def test_random_mixed_kernel_uses_the_type_weights():
+    g = gen(9)
+    names = [kernels.random_mixed_kernel(g, 7, ["iso", "aniso"], [0.9, 0.1], (0.2, 3), (0.5, 4), (1, 2))[1]
+             for _ in range(200)]
+    assert 0.82 < names.count("iso") / 200 < 0.97
+
+
+# ----------------------------------------------------------------------------- the pipeline, step by step
+
+
+def degrade_by_hand(p: DegradationParams, images: torch.Tensor) -> torch.Tensor:
+    """The documented noiseless pipeline, composed from the module's primitives."""
+    from metaf2n.degrade import resize
+
+    s = p.scale
+    h, w = images.shape[-2:]
+    out = images if p.first.kernel is None else filter2d(images, p.first.kernel)
+    out = resize(out, (max(1, int(h * p.first.resize_scale)), max(1, int(w * p.first.resize_scale))),
+                 p.first.resize_mode).clamp(0, 1)
+    out = jpeg_compress(out, p.first.jpeg_quality)
+    out = out if p.second.kernel is None else filter2d(out, p.second.kernel)
+    out = resize(out, (max(1, int(h / s * p.second.resize_scale)), max(1, int(w / s * p.second.resize_scale))),
+                 p.second.resize_mode).clamp(0, 1)
+
+    def resize_and_sinc(x):
+        x = resize(x, (h // s, w // s), p.final_resize_mode)
+        return x if p.sinc_kernel is None else filter2d(x, p.sinc_kernel)
+
+    if p.jpeg_last:
+        out = jpeg_compress(resize_and_sinc(out), p.second.jpeg_quality)
+    else:
+        out = resize_and_sinc(jpeg_compress(out, p.second.jpeg_quality))
+    return (out * 255).round().clamp(0, 255) / 255
+
+
+def test_noiseless_pipeline_equals_its_steps_composed_by_hand():
+    images = smooth_images(2, 72, seed=1)[..., :56]  # 72 x 56: the two sides scale differently
+    seen = set()
+    for seed in range(40):
+        params = sample_degradation(gen(seed)).without_noise()
+        case = (params.second.kernel is None, params.sinc_kernel is None, params.jpeg_last)
+        if case in seen:
+            continue
+        seen.add(case)
+        assert torch.equal(apply_degradation(params, images), degrade_by_hand(params, images)), case
+    assert len(seen) == 8  # with and without second blur and final sinc, both JPEG orders
+
+
+def grey_images(batch=2, size=64, seed=0):
+    """Grey (R = G = B) smooth images: JPEG at quality 100 then only rounds (no chroma to subsample)."""
+    return smooth_images(batch, size, seed)[:, :1].expand(batch, 3, size, size).contiguous()
+
+
+def cv2_filter(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Correlation with OpenCV (reflect-101 borders, as torch's reflect padding)."""
+    planes = images.reshape(-1, *images.shape[-2:]).double().numpy()
+    out = [cv2.filter2D(p, -1, kernel.double().numpy(), borderType=cv2.BORDER_REFLECT_101) for p in planes]
+    return torch.from_numpy(np.stack(out)).float().view_as(images)
+
+
+def area(images, size=16):
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+
+
+def test_one_step_blur_only():
+    images = grey_images()
+    k = kernels.gaussian_kernel(9, 2.0, 0.8, 0.3)
+    p = identity_params(quality=100)
+    p = replace(p, first=replace(p.first, kernel=k))
+    lr = apply_degradation(p, images)
+    expected = area(cv2_filter(images, k))
+    assert (lr - expected).abs().max() < 3 / 255
+    assert (area(images) - expected).abs().max() > 10 / 255  # the blur is far larger than the tolerance
+    # the second blur acts on the stage-1 output (here resized to half size), before the second resize
+    q = identity_params(quality=100)
+    q = replace(q, first=replace(q.first, resize_scale=0.5), second=replace(q.second, kernel=k))
+    second = apply_degradation(q, images)
+    assert (second - area(cv2_filter(area(images, 32), k))).abs().max() < 3 / 255
+    assert (second - expected).abs().max() > 10 / 255
+
+
+def test_one_step_sinc_only_at_quality_100():
+    images = grey_images(seed=2)
+    sinc = kernels.sinc_kernel(11, math.pi / 3)
+    p = replace(identity_params(quality=100), sinc_kernel=sinc)
+    after_resize = cv2_filter(area(images), sinc)  # the final sinc filters the LR image
+    for jpeg_last in (True, False):
+        lr = apply_degradation(replace(p, jpeg_last=jpeg_last), images)
+        assert (lr - after_resize).abs().max() < 3 / 255
+    assert (area(cv2_filter(images, sinc)) - after_resize).abs().max() > 10 / 255  # the order is visible
+
+
+@pytest.mark.parametrize("jpeg_last", [True, False])
+def test_each_final_jpeg_order(jpeg_last):
+    images = smooth_images(2, 64, seed=3)
+    sinc = kernels.sinc_kernel(9, math.pi / 4)
+    p = replace(identity_params(quality=100), sinc_kernel=sinc, jpeg_last=jpeg_last)
+    p = replace(p, second=replace(p.second, jpeg_quality=40))  # the final JPEG uses the stage-2 quality
+    stage1 = jpeg_compress(area(images, 64), 100)  # stage 1 at scale 1: a JPEG round trip at quality 100
+    lr_in = area(stage1)
+    resized_then_jpeg = jpeg_compress(filter2d(lr_in, sinc), 40)
+    jpeg_then_resized = filter2d(jpeg_compress(lr_in, 40), sinc)
+    expected, other = (resized_then_jpeg, jpeg_then_resized) if jpeg_last else (jpeg_then_resized, resized_then_jpeg)
+    to8 = lambda x: (x * 255).round().clamp(0, 255) / 255
+    lr = apply_degradation(p, images)
+    assert torch.equal(lr, to8(expected))
+    assert not torch.equal(lr, to8(other))
+
+
+def test_stage_qualities_are_each_applied():
+    images = smooth_images(2, 64, seed=4) * 0.8 + 0.1 * torch.rand(2, 3, 64, 64, generator=gen())
+    clean = apply_degradation(identity_params(quality=100), images)
+    for stage in ("first", "second"):
+        p = identity_params(quality=100)
+        p = replace(p, **{stage: replace(getattr(p, stage), jpeg_quality=10)})
+        assert (apply_degradation(p, images) - clean).abs().mean() > 2 / 255, stage
+
+
+def test_the_noise_seed_of_the_params_drives_the_noise():
+    params = sample_degradation(gen(3))
+    params = replace(params, first=replace(params.first, noise=NoiseParams("gaussian", 20.0, False)))
+    images = smooth_images(2, 64)
+    default = apply_degradation(params, images)
+    assert torch.equal(default, apply_degradation(params, images, gen(params.noise_seed)))
+    assert not torch.equal(default, apply_degradation(replace(params, noise_seed=params.noise_seed + 1), images))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        apply_degradation(params, images, 0)
+
+
+def test_each_stage_adds_its_own_noise():
+    images = grey_images()
+    clean = apply_degradation(identity_params(quality=100), images)
+    for stage in ("first", "second"):
+        p = identity_params(quality=100)
+        p = replace(p, **{stage: replace(getattr(p, stage), noise=NoiseParams("gaussian", 25.0, False))})
+        assert (apply_degradation(p, images) - clean).abs().mean() > 1 / 255, stage
+
+
+def test_resize_directions_follow_the_official_probabilities():
+    draws = [sample_degradation(gen(100 + i)) for i in range(300)]
+    for stage, (up, down, keep), (low, high) in (("first", (0.2, 0.7, 0.1), (0.15, 1.5)),
+                                                 ("second", (0.3, 0.4, 0.3), (0.3, 1.2))):
+        scales = np.array([getattr(p, stage).resize_scale for p in draws])
+        assert abs((scales > 1).mean() - up) < 0.08 and abs((scales < 1).mean() - down) < 0.08
+        assert abs((scales == 1).mean() - keep) < 0.08
+        assert low <= scales.min() < low + 0.1 and high - 0.1 < scales.max() <= high
+    modes = [p.final_resize_mode for p in draws]
+    assert {m: modes.count(m) > 60 for m in ("area", "bilinear", "bicubic")} == dict.fromkeys(modes, True)
+
+
+def test_tiny_images_and_size_checks():
+    params = identity_params(quality=100)
+    with pytest.raises(ValueError, match="at least 4x4"):
+        apply_degradation(params, torch.rand(1, 3, 3, 16))
+    lr = apply_degradation(replace(params, first=replace(params.first, resize_scale=0.01)), smooth_images(1, 64))
+    assert lr.shape == (1, 3, 16, 16)  # sizes never collapse to zero pixels
