@@ -77,7 +77,7 @@ def test_real_esrgan_x4plus_layout_loads_strictly(tmp_path):
     assert_state_equal(model, ema)
 
 
-SMALL = dict(nf=16, nb=2, gc=8)
+SMALL = {"nf": 16, "nb": 2, "gc": 8}
 
 
 @pytest.mark.parametrize("layout", ["params_ema", "params", "bare", "module_prefix", "module_prefix_in_params"])
@@ -204,3 +204,189 @@ def test_masknet_rejects_bad_arguments():
         MaskNet(output="tanh")
     with pytest.raises(ValueError, match="lr_up and pseudo_hq"):
         MaskNet(num_feat=4)(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- forwards written out independently
+
+
+def lrelu(t):
+    return torch.nn.functional.leaky_relu(t, 0.2)
+
+
+def conv(state, name, t, stride=1):
+    return torch.nn.functional.conv2d(t, state[f"{name}.weight"], state.get(f"{name}.bias"), stride=stride, padding=1)
+
+
+def rrdbnet_reference(state, x, num_block):
+    """ESRGAN's RRDBNet x4 (BasicSR's forward), from the published description, on a state dict."""
+    feat = conv(state, "conv_first", x)
+    body = feat
+    for b in range(num_block):
+        block_in = body
+        for r in (1, 2, 3):
+            features = [body]
+            for c in (1, 2, 3, 4):
+                features.append(lrelu(conv(state, f"body.{b}.rdb{r}.conv{c}", torch.cat(features, 1))))
+            body = body + 0.2 * conv(state, f"body.{b}.rdb{r}.conv5", torch.cat(features, 1))
+        body = block_in + 0.2 * body
+    feat = feat + conv(state, "conv_body", body)
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")
+    feat = lrelu(conv(state, "conv_up1", up(feat)))
+    feat = lrelu(conv(state, "conv_up2", up(feat)))
+    return conv(state, "conv_last", lrelu(conv(state, "conv_hr", feat)))
+
+
+def test_rrdbnet_forward_matches_an_independent_forward(tmp_path):
+    shapes = rrdbnet_published_shapes(nf=8, nb=2, gc=4)
+    state = {k: 0.2 * v for k, v in random_state(shapes, seed=5).items()}  # random biases too
+    path = tmp_path / "small.pth"
+    torch.save({"params": state}, path)
+    model = load_pretrained(RRDBNet(num_feat=8, num_block=2, num_grow_ch=4), path)
+    x = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), rrdbnet_reference(state, x, 2), rtol=1e-5, atol=1e-5)
+    zero_blocks = RRDBNet(num_in_ch=1, num_out_ch=2, num_feat=4, num_block=0, num_grow_ch=2)  # 0 blocks allowed
+    assert zero_blocks(x[:, :1]).shape == (2, 2, 24, 20)
+
+
+def test_dense_blocks_start_near_identity():
+    torch.manual_seed(0)
+    model = RRDBNet(num_feat=32, num_block=1, num_grow_ch=16)
+    for c in (1, 2, 3, 4, 5):
+        layer = getattr(model.body[0].rdb1, f"conv{c}")
+        fan_in = layer.weight[0].numel()
+        # ESRGAN's init: Kaiming normal (std sqrt(2 / fan_in)) scaled by 0.1, zero bias
+        assert abs(layer.weight.std().item() / (0.1 * (2 / fan_in) ** 0.5) - 1) < 0.15
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    for bad in ({"num_in_ch": 0}, {"num_out_ch": 0}, {"num_block": -1}, {"num_grow_ch": 0}, {"num_feat": 8.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int >= "):
+            RRDBNet(**bad)
+
+
+def spectral_weight(state, name):
+    """Eval-mode spectral normalisation: W / (u^T W v) with the stored u and v."""
+    w = state[f"{name}.weight_orig"]
+    return w / torch.dot(state[f"{name}.weight_u"], w.flatten(1) @ state[f"{name}.weight_v"])
+
+
+def discriminator_reference(state, x, skip):
+    """Real-ESRGAN's UNetDiscriminatorSN forward, written from the published code, on a state dict."""
+    sd = dict(state)
+    for i in range(1, 9):
+        sd[f"conv{i}.weight"] = spectral_weight(state, f"conv{i}")
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
+    x0 = lrelu(conv(sd, "conv0", x))
+    x1 = lrelu(conv(sd, "conv1", x0, stride=2))
+    x2 = lrelu(conv(sd, "conv2", x1, stride=2))
+    x3 = lrelu(conv(sd, "conv3", x2, stride=2))
+    x4 = lrelu(conv(sd, "conv4", up(x3))) + (x2 if skip else 0)
+    x5 = lrelu(conv(sd, "conv5", up(x4))) + (x1 if skip else 0)
+    x6 = lrelu(conv(sd, "conv6", up(x5))) + (x0 if skip else 0)
+    out = lrelu(conv(sd, "conv8", lrelu(conv(sd, "conv7", x6))))
+    return conv(sd, "conv9", out)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_discriminator_forward_matches_an_independent_forward(tmp_path, skip):
+    state = random_state(discriminator_published_shapes(nf=4), seed=7)
+    for i in range(1, 9):  # stored power-iteration vectors are unit vectors
+        for vec in ("u", "v"):
+            key = f"conv{i}.weight_{vec}"
+            state[key] = state[key] / state[key].norm()
+    path = tmp_path / "netD.pth"
+    torch.save({"params": state}, path)
+    model = load_pretrained(UNetDiscriminatorSN(num_feat=4, skip_connection=skip), path).eval()
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+        assert torch.allclose(out, discriminator_reference(state, x, skip), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out, discriminator_reference(state, x, not skip), rtol=1e-3, atol=1e-3)
+
+
+def test_discriminator_skip_connection_changes_the_output():
+    torch.manual_seed(0)
+    with_skip = UNetDiscriminatorSN(num_feat=4).eval()
+    without = UNetDiscriminatorSN(num_feat=4, skip_connection=False).eval()
+    without.load_state_dict(with_skip.state_dict())
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (with_skip(x) - without(x)).abs().max() > 1e-3
+    for bad in ({"num_in_ch": 0}, {"num_feat": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
+            UNetDiscriminatorSN(**bad)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        with_skip(torch.rand(1, 3, 16, 12))
+
+
+def masknet_reference(state, lr_up, pseudo, output):
+    x = torch.cat([lr_up, pseudo], 1)
+    for i in range(1, 8):
+        x = torch.relu(conv(state, f"conv{i}", x))
+    logits = conv(state, "conv8", x)
+    return torch.relu(logits) if output == "relu" else torch.sigmoid(logits)
+
+
+@pytest.mark.parametrize("output", ["relu", "sigmoid"])
+def test_masknet_forward_matches_an_independent_forward(output):
+    torch.manual_seed(3)
+    model = MaskNet(num_feat=4, output=output)
+    state = {k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}  # some logits < 0
+    model.load_state_dict(state)
+    lr_up, pseudo = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(lr_up, pseudo)
+        assert torch.allclose(out, masknet_reference(state, lr_up, pseudo, output), atol=1e-6)
+    if output == "relu":
+        assert (out == 0).any() and (out > 0).any()
+
+
+def test_masknet_starts_at_unit_weights():
+    torch.manual_seed(0)
+    model = MaskNet(num_feat=8)
+    assert torch.equal(model.conv8.bias, torch.ones(1))
+    assert 0 < model.conv8.weight.abs().max() < 0.05  # scaled down by 0.01
+    assert all(torch.equal(getattr(model, f"conv{i}").bias, torch.zeros(8)) for i in range(1, 8))
+    with pytest.raises(ValueError, match="num_feat must be a positive int"):
+        MaskNet(num_feat=0)
+    with pytest.raises(ValueError, match="lr_up and pseudo_hq"):
+        model(torch.rand(1, 3, 8, 8)[:, :2], torch.rand(1, 3, 8, 8)[:, :2])
+
+
+# ----------------------------------------------------------------------------- checkpoint rules
+
+
+def test_only_a_leading_module_prefix_is_stripped():
+    from metaf2n.models import extract_state_dict
+
+    t = torch.zeros(1)
+    state = extract_state_dict({"module.decoder.x": t, "body.module.x": t, "module.module.y": t, "modules.z": t})
+    assert sorted(state) == ["body.module.x", "decoder.x", "module.y", "modules.z"]
+    with pytest.raises(ValueError, match="checkpoint must be a dict, got list"):
+        extract_state_dict([t])
+    with pytest.raises(ValueError, match="holds no state dict"):
+        extract_state_dict({"params": {"a": t, "b": 3}})
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
+    import os
+    import pickle
+
+    state = random_state(rrdbnet_published_shapes(**SMALL))
+    path = tmp_path / "evil.pth"
+    torch.save({"params": state, "hook": os.getcwd}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_pretrained(RRDBNet(num_feat=16, num_block=2, num_grow_ch=8), path)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        load_pretrained({}, path)
+
+
+def test_long_key_lists_are_shortened(tmp_path):
+    state = random_state(rrdbnet_published_shapes(**SMALL))
+    path = tmp_path / "partial.pth"
+    torch.save({"params": {k: v for k, v in state.items() if not k.startswith("body.")}}, path)
+    missing = sorted(k for k in state if k.startswith("body."))
+    with pytest.raises(ValueError) as info:
+        load_pretrained(RRDBNet(num_feat=16, num_block=2, num_grow_ch=8), path)
+    message = str(info.value)
+    assert f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + f", ... ({len(missing) - 20} more)" in message
+    assert "unexpected" not in message and "shape" not in message and str(path) in message
