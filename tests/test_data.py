@@ -24,6 +24,12 @@ from metaf2n.data import (
 )
 from metaf2n.data.demo import detect_faces
 from metaf2n.data.images import crop_or_pad
+from metaf2n.degrade import (
+    DegradationConfig,
+    apply_degradation,
+    sample_degradation,
+    usm_sharpen,
+)
 
 SMALL = TaskConfig(
     face_patches=3,
@@ -238,27 +244,6 @@ def test_pseudo_labels_come_from_the_restorer_on_the_upsampled_lr_face(folders, 
     assert torch.allclose(plain.face_pseudo, batch.face_pseudo, atol=1e-6)
 
 
-def test_texture_criterion_prefers_textured_patches(tmp_path):
-    faces, backgrounds = tmp_path / "faces", tmp_path / "backgrounds"
-    faces.mkdir()
-    backgrounds.mkdir()
-    half = np.full((64, 64, 3), 128)
-    half[:, 48:] = textured(64, 16, 0)  # only the right quarter is textured
-    save_rgb(faces / "half.png", half)
-    save_rgb(backgrounds / "bg.png", textured(64, 64, 1))
-    assert texture_score(torch.full((3, 16, 16), 0.5)) < -20
-    assert texture_score(torch.rand(3, 16, 16, generator=gen())) > -6
-
-    def textured_fraction(tries):
-        config = TaskConfig(**{**SMALL.__dict__, "face_patch_size": 16, "face_patches": 8, "texture_tries": tries})
-        batch = TaskSampler(faces, backgrounds, config=config).sample(3, gen(4))
-        return np.mean([texture_score(p) >= -6 for p in batch.face_pseudo.flatten(0, 1)])
-
-    # 4 of 13 crop positions reach the textured quarter: ~0.31 with one try, ~0.89 with six
-    assert textured_fraction(6) >= 0.75
-    assert textured_fraction(1) <= 0.5
-
-
 def test_task_config_and_sampler_validation(folders):
     with pytest.raises(ValueError, match="face_patch_size"):
         TaskConfig(face_patch_size=30)
@@ -340,3 +325,120 @@ def test_background_masks_equal_the_patch_mask_when_the_patch_is_the_whole_crop(
     flipped = edge_mask(hr.flip(-1), 10.0, 2).flip(-1)  # a mirrored patch keeps the stride of the unmirrored crop
     for q in range(2):
         assert torch.equal(batch.bg_edges[0, q], expected[q]) or torch.equal(batch.bg_edges[0, q], flipped[q])
+
+
+# ----------------------------------------------------------------------------- what each task tensor is made from
+
+# A degradation that only downscales (area, x1/4) and JPEG-codes at quality 100: no blur (1x1 kernels), no noise, no
+# sinc. On grey images the JPEG round trip then changes a pixel by at most a level or two.
+IDENTITY = DegradationConfig(
+    kernel_sizes=(1,), sinc_prob=0.0, sinc_prob2=0.0, second_blur_prob=0.0, final_sinc_prob=0.0,
+    resize_prob=(0.0, 0.0, 1.0), resize_prob2=(0.0, 0.0, 1.0), resize_modes=("area",),
+    noise_range=(0.0, 0.0), poisson_scale_range=(0.0, 0.0), noise_range2=(0.0, 0.0), poisson_scale_range2=(0.0, 0.0),
+    jpeg_range=(100.0, 100.0), jpeg_range2=(100.0, 100.0),
+)
+
+
+def blocky_grey(size, seed, block=4):
+    """Grey texture of ``block``-pixel squares: sharpening changes it a lot, even averaged over 4x4 blocks."""
+    low = np.random.default_rng(seed).integers(40, 216, (size // block, size // block))
+    return np.repeat(np.repeat(low, block, 0), block, 1)[..., None].repeat(3, 2)
+
+
+def area4(images):
+    return F.avg_pool2d(images.flatten(0, 1), 4).view(*images.shape[:-2], images.shape[-2] // 4, -1)
+
+
+@pytest.fixture
+def grey_folders(tmp_path):
+    faces, backgrounds = tmp_path / "grey_faces", tmp_path / "grey_backgrounds"
+    faces.mkdir()
+    backgrounds.mkdir()
+    for i in range(2):
+        save_rgb(faces / f"{i}.png", blocky_grey(64, i, block=8))
+        save_rgb(backgrounds / f"{i}.png", blocky_grey(64, 10 + i, block=2))
+    return faces, backgrounds
+
+
+def test_identity_degradation_config_only_downscales():
+    images = torch.from_numpy(blocky_grey(64, 0)).permute(2, 0, 1)[None].float() / 255
+    for seed in range(3):
+        lr = apply_degradation(sample_degradation(gen(seed), IDENTITY), images, gen(seed))
+        assert (lr - area4(images)).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("patch", [64, 32])
+def test_background_lr_is_made_from_the_sharpened_background_and_aligned(grey_folders, patch):
+    config = TaskConfig(face_patches=1, background_patches=3, face_patch_size=32, face_size=64,
+                        background_patch_size=patch, background_crop_size=64, degradation=IDENTITY)
+    batch = TaskSampler(*grey_folders, config=config).sample(2, gen(3))
+    lr, usm, hr = (t.flatten(0, 1) for t in (batch.bg_lr, batch.bg_hr_usm, batch.bg_hr))
+    # the LR patch is the (only downscaled) sharpened HR patch, pixel for pixel: same image, same place
+    assert (lr - area4(usm)).abs().max() <= 3 / 255
+    assert (lr - area4(hr)).abs().amax(dim=(1, 2, 3)).min() > 10 / 255  # not the unsharpened one
+    if patch == 64:  # the whole crop: the L1 target is the sharpened discriminator target
+        assert torch.allclose(usm, usm_sharpen(hr), atol=1e-5)
+        sources = [torch.from_numpy(blocky_grey(64, 10 + i, block=2)).permute(2, 0, 1).float() / 255 for i in range(2)]
+        for image in hr:  # the discriminator's real input is the unsharpened background (or its mirror)
+            assert any(torch.equal(image, s) or torch.equal(image, s.flip(-1)) for s in sources)
+
+
+def test_face_patches_with_a_restorer_that_is_not_the_ground_truth(grey_folders):
+    config = TaskConfig(face_patches=3, background_patches=1, face_patch_size=32, face_size=64,
+                        background_patch_size=32, background_crop_size=64, degradation=IDENTITY)
+    batch = TaskSampler(*grey_folders, restorer=lambda x: 0.5 * x + 0.25, config=config).sample(2, gen(4))
+    lr, pseudo, gt = (t.flatten(0, 1) for t in (batch.face_lr, batch.face_pseudo, batch.face_gt))
+    assert (lr - area4(gt)).abs().max() <= 3 / 255  # LR and GT patches: same face, same place
+    up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.allclose(pseudo[..., 8:-8, 8:-8], (0.5 * up + 0.25)[..., 8:-8, 8:-8], atol=1e-5)
+    assert (pseudo - gt).abs().mean() > 0.05
+    faces = [torch.from_numpy(blocky_grey(64, i, block=8)).permute(2, 0, 1).float() / 255 for i in range(2)]
+    for patch in gt:  # the GT patch is cut from a face, at an LR-aligned offset, maybe mirrored
+        assert any(torch.equal(patch, cand[:, y:y + 32, x:x + 32])
+                   for face in faces for cand in (face, face.flip(-1)) for y in range(0, 33, 4) for x in range(0, 33, 4))
+
+
+def test_hflip_false_never_mirrors(folders):
+    _, backgrounds = folders
+    config = TaskConfig(**{**SMALL.__dict__, "hflip": False})
+    batch = TaskSampler(backgrounds, backgrounds, config=config).sample(3, gen(1))  # ramps: dark left, bright right
+    for name in ("face_lr", "face_pseudo", "face_gt", "bg_lr", "bg_hr_usm", "bg_hr"):
+        images = getattr(batch, name).flatten(0, 1)
+        assert ((images[..., -1] - images[..., 0]).mean(dim=(1, 2)) > 0).all(), name
+
+
+def test_the_texture_criterion_looks_at_the_pseudo_label(tmp_path):
+    faces, backgrounds = tmp_path / "faces", tmp_path / "backgrounds"
+    faces.mkdir()
+    backgrounds.mkdir()
+    save_rgb(faces / "flat.png", np.full((64, 64, 3), 128))  # the ground truth has no texture anywhere
+    save_rgb(backgrounds / "bg.png", textured(64, 64, 1))
+    texture = torch.from_numpy(textured(64, 16, 0)).permute(2, 0, 1).float() / 255
+    assert texture_score(torch.full((3, 16, 16), 0.5)) < -20
+    assert texture_score(texture[:, :16]) > -6
+
+    def restorer(x):  # a pseudo label textured only in its left quarter
+        out = torch.full_like(x, 0.5)
+        out[..., :16] = texture
+        return out
+
+    def textured_fraction(tries):
+        config = TaskConfig(**{**SMALL.__dict__, "face_patch_size": 16, "face_patches": 8, "texture_tries": tries})
+        batch = TaskSampler(faces, backgrounds, restorer=restorer, config=config).sample(3, gen(4))
+        return np.mean([texture_score(p) >= -6 for p in batch.face_pseudo.flatten(0, 1)])
+
+    assert textured_fraction(6) >= 0.75
+    assert textured_fraction(1) <= 0.5
+
+
+def test_task_batch_select_and_to(folders):
+    batch = TaskSampler(*folders, config=SMALL).sample(3, gen(2))
+    part = batch.select(1, 3)
+    assert part.num_tasks == 2 and part.degradations == batch.degradations[1:3]
+    assert torch.equal(part.bg_edges, batch.bg_edges[1:3]) and torch.equal(part.face_gt, batch.face_gt[1:3])
+    for start, stop in ((0, 0), (-1, 2), (2, 4), (2, 1)):
+        with pytest.raises(ValueError, match="need 0 <= start < stop <= 3"):
+            batch.select(start, stop)
+    moved = batch.to("cpu")
+    assert moved.degradations == batch.degradations
+    assert all(torch.equal(getattr(moved, n), getattr(batch, n)) for n in ("face_lr", "bg_hr", "bg_edges_usm"))
