@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import photo
 
 from metaf2n import ops, reference
 from metaf2n.ssl import SelfSimilarityLoss, edge_mask, self_similarity_graph, ssl_loss
 
-from conftest import photo
-
 SETTINGS = [
-    dict(search=25, patch=9, padding="image"),
-    dict(search=25, patch=9, padding="window"),
-    dict(search=7, patch=3, padding="image"),
-    dict(search=11, patch=5, padding="window"),
-    dict(search=9, patch=9, padding="image"),  # patch as large as the window
+    {"search": 25, "patch": 9, "padding": "image"},
+    {"search": 25, "patch": 9, "padding": "window"},
+    {"search": 7, "patch": 3, "padding": "image"},
+    {"search": 11, "patch": 5, "padding": "window"},
+    {"search": 9, "patch": 9, "padding": "image"},  # patch as large as the window
 ]
 
 
@@ -46,7 +45,7 @@ def random_positions(b, h, w, n, seed):
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['search']}-{s['patch']}-{s['padding']}")
 def test_graph_matches_reference_on_photos(photo_pair, setting):
-    sr, hr = photo_pair
+    _sr, hr = photo_pair
     mask = edge_mask(hr)
     assert mask[0].sum() != mask[1].sum()  # uneven masks across the batch
     rows = self_similarity_graph(hr, mask, **setting)
@@ -78,7 +77,7 @@ def test_loss_and_gradient_match_reference_on_photos(photo_pair, setting):
 def test_graph_and_gradient_match_reference_on_random_images(padding, size):
     x = smooth_random((3, 2, *size), seed=1)
     pos = random_positions(3, *size, n=60, seed=2)
-    setting = dict(search=7, patch=5, h=0.01, padding=padding)
+    setting = {"search": 7, "patch": 5, "h": 0.01, "padding": padding}
     ours = x.clone().requires_grad_()
     oracle = x.clone().requires_grad_()
     rows = ops.similarity_graph(ours, pos, **setting)
@@ -250,7 +249,7 @@ def test_noncontiguous_and_channels_last_inputs(photo_pair):
 
 
 def test_batch_rows_are_independent(photo_pair):
-    sr, hr = photo_pair
+    _sr, hr = photo_pair
     mask = edge_mask(hr)
     both = self_similarity_graph(hr, mask)
     first = self_similarity_graph(hr[:1], mask[:1])
@@ -501,3 +500,61 @@ def test_reduced_precision_gradients_match_float32(photo_pair, dtype, tol):
     ssl_loss(full, hr.to(dtype).float(), mask).backward()
     scale = full.grad.abs().max()
     assert (low.grad.float() - full.grad).abs().max() <= tol * scale
+
+
+# --- arguments that must reach the edge mask ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", [{"stride": 3}, {"threshold": 45.0}, {"stride": 2, "threshold": 10}])
+def test_ssl_loss_passes_stride_and_threshold_to_the_edge_mask(photo_pair, argument):
+    sr, hr = photo_pair
+    small = {"search": 11, "patch": 5}
+    mask = edge_mask(hr, **argument)
+    assert not torch.equal(mask, edge_mask(hr))  # the argument changes the mask ...
+    loss = ssl_loss(sr, hr, **small, **argument)
+    torch.testing.assert_close(loss, ssl_loss(sr, hr, mask, **small), rtol=0, atol=0)  # ... and reaches it
+    assert loss != ssl_loss(sr, hr, **small)
+    module = SelfSimilarityLoss(**small, **argument)
+    torch.testing.assert_close(module(sr, hr), loss, rtol=0, atol=0)
+
+
+def test_module_passes_every_argument():
+    sr, hr = smooth_random((1, 3, 32, 32), seed=3), smooth_random((1, 3, 32, 32), seed=4)
+    settings = {"search": 7, "patch": 3, "h": 0.02, "kl_weight": 2.0, "l1_weight": 5.0, "padding": "window",
+                "threshold": 5.0, "stride": 2, "path": "direct"}
+    expected = ssl_loss(sr, hr, **settings)
+    torch.testing.assert_close(SelfSimilarityLoss(**settings)(sr, hr), expected, rtol=0, atol=0)
+    for name, other in (("h", 0.05), ("kl_weight", 1.0), ("l1_weight", 1.0), ("padding", "image"),
+                        ("threshold", 15.0), ("stride", 1), ("search", 5), ("patch", 5)):
+        assert SelfSimilarityLoss(**{**settings, name: other})(sr, hr) != expected, name
+
+
+def test_grey_edge_mask_is_opencvs_laplacian_of_the_grey_image():
+    hr = photo("coffee", 60, 100, 96)
+    grey_u8 = (hr.mean(1, keepdim=True) * 255).round().to(torch.uint8)
+    grey = grey_u8.float() / 255
+    response = cv2.Laplacian(grey_u8[0, 0].numpy(), cv2.CV_8U, ksize=1)  # reflect-101 borders, saturated to 0..255
+    for threshold in (20, 7.5):
+        expected = torch.from_numpy(response > threshold)
+        assert torch.equal(edge_mask(grey, threshold)[0], expected)
+        assert torch.equal(edge_mask(grey.expand(1, 3, 96, 96), threshold)[0], expected)  # R = G = B: luma = grey
+    assert 0 < expected.float().mean() < 0.5
+
+
+def test_edge_mask_argument_edges():
+    x = photo("astronaut", 0, 0, 32)
+    # values outside [0, 1] are clamped before quantising
+    assert torch.equal(edge_mask(x * 3 - 1), edge_mask((x * 3 - 1).clamp(0, 1)))
+    assert edge_mask(x[..., :2, :2]).shape == (1, 2, 2)
+    for call, error, words in (
+        (lambda: edge_mask(x, threshold=True), TypeError, "threshold must be a number"),
+        (lambda: edge_mask(x, stride=1.0), ValueError, "stride must be a positive int"),
+        (lambda: edge_mask(x[..., :1, :], threshold=0), ValueError, "at least 2x2"),
+        (lambda: edge_mask(x[..., :, :1], threshold=0), ValueError, "at least 2x2"),
+        (lambda: edge_mask(x[0]), ValueError, "hr must be a (B, C, H, W)"),
+        (lambda: ssl_loss(x, x, [[True]]), TypeError, "mask must be a torch.Tensor"),
+        (lambda: self_similarity_graph(x[0], torch.ones(1, 32, 32, dtype=torch.bool)), ValueError, "img must be"),
+    ):
+        with pytest.raises(error) as info:
+            call()
+        assert words in str(info.value), str(info.value)
