@@ -1,6 +1,7 @@
 """Image folders, face restorers, the task sampler and the embedded demo set."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -442,3 +443,27 @@ def test_task_batch_select_and_to(folders):
     moved = batch.to("cpu")
     assert moved.degradations == batch.degradations
     assert all(torch.equal(getattr(moved, n), getattr(batch, n)) for n in ("face_lr", "bg_hr", "bg_edges_usm"))
+
+
+def test_texture_score_of_ramps():
+    # log(mean(dx^2 + dy^2) + 1e-10) with forward differences: a ramp of slope a along one axis scores log(a^2)
+    ramp = torch.linspace(0, 0.9, 10)
+    horizontal = ramp.view(1, 1, 10).expand(3, 10, 10)
+    assert texture_score(horizontal) == pytest.approx(math.log(0.1**2 + 1e-10), rel=1e-6)
+    assert texture_score(horizontal.transpose(1, 2)) == pytest.approx(math.log(0.1**2 + 1e-10), rel=1e-6)
+    both = horizontal + 0.5 * horizontal.transpose(1, 2)
+    assert texture_score(both) == pytest.approx(math.log(0.1**2 + 0.05**2 + 1e-10), rel=1e-6)
+    assert texture_score(torch.zeros(3, 4, 4)) == pytest.approx(math.log(1e-10))
+
+
+def test_restorer_errors_name_their_argument(tmp_path):
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^GroundTruthRestorer needs gt, the ground-truth faces$"):
+        GroundTruthRestorer()(x)
+    with pytest.raises(ValueError, match=r"^lr_up must be a \(B, 3, H, W\) tensor, got \(1, 2, 8, 8\)$"):
+        GroundTruthRestorer()(x[:, :2], gt=x[:, :2])
+    with pytest.raises(ValueError, match=r"^gt must have the shape of lr_up \(1, 3, 8, 8\), got \(1, 3, 4, 4\)$"):
+        GroundTruthRestorer()(x, gt=x[..., :4, :4])
+    restorer = TorchScriptRestorer(scripted(Invert(), tmp_path, "inv"), device="cpu")
+    assert restorer.device == torch.device("cpu")
+    assert next(iter(restorer.module.parameters()), torch.zeros(0)).device.type == "cpu"

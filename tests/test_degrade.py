@@ -567,3 +567,56 @@ def test_tiny_images_and_size_checks():
         apply_degradation(params, torch.rand(1, 3, 3, 16))
     lr = apply_degradation(replace(params, first=replace(params.first, resize_scale=0.01)), smooth_images(1, 64))
     assert lr.shape == (1, 3, 16, 16)  # sizes never collapse to zero pixels
+
+
+def test_describe_names_every_choice():
+    p = identity_params(quality=90)
+    assert p.describe() == ("[1] no blur, x1.00 area, no noise, q90 | [2] no blur, x1.00 area, no noise, q90 | "
+                            "no sinc, resize+sinc->jpeg")
+    p = replace(p, first=replace(p.first, kernel=kernels.gaussian_kernel(7, 1.0), kernel_type="iso",
+                                 noise=NoiseParams("gaussian", 3.5, gray=True)),
+                second=replace(p.second, resize_scale=0.5, resize_mode="bicubic", noise=NoiseParams("poisson", 1.25)),
+                sinc_kernel=kernels.sinc_kernel(9, 2.0), jpeg_last=False)
+    assert p.describe() == ("[1] iso 7px, x1.00 area, grey gaussian 3.50, q90 | "
+                            "[2] no blur, x0.50 bicubic, poisson 1.25, q90 | sinc 9px, jpeg->resize+sinc")
+
+
+def test_config_validation_bounds():
+    DegradationConfig(kernel_sizes=(1,), jpeg_range=(1, 1), jpeg_range2=(100, 100))  # the bounds are allowed
+    for bad in ({"kernel_sizes": ()}, {"kernel_sizes": (0,)}, {"kernel_sizes": (4,)}, {"kernel_sizes": (7, 8)}):
+        with pytest.raises(ValueError, match="kernel_sizes must be positive odd ints"):
+            DegradationConfig(**bad)
+    for name, bad in (("jpeg_range", (96, 95)), ("jpeg_range2", (30, 101)), ("jpeg_range2", (0, 50))):
+        with pytest.raises(ValueError, match=f"{name} must satisfy 1 <= low <= high <= 100"):
+            DegradationConfig(**{name: bad})
+    for scale in (0, 2.0):
+        with pytest.raises(ValueError, match="scale must be a positive int"):
+            DegradationConfig(scale=scale)
+    with pytest.raises(ValueError, match="resize_modes must be a non-empty subset"):
+        DegradationConfig(resize_modes=())
+    with pytest.raises(ValueError, match="noise kind"):
+        NoiseParams("salt")
+    with pytest.raises(ValueError, match="noise level must be >= 0"):
+        NoiseParams("gaussian", -1.0)
+    with pytest.raises(ValueError, match="jpeg_quality must be in 1..100"):
+        replace(identity_params(), first=replace(identity_params().first, jpeg_quality=0))
+
+
+def test_grey_poisson_noise_follows_the_luma():
+    # every 8-bit level present in each channel; luma (0.299 R + 0.587 G + 0.114 B) of R = G = B is the grey level
+    levels = (torch.arange(128 * 128) % 256)[torch.randperm(128 * 128, generator=gen(1))]
+    image = (levels.float().view(1, 1, 128, 128) / 255).expand(1, 3, 128, 128).contiguous()
+    residual = add_noise(image, NoiseParams("poisson", 1.0, gray=True), gen()) - image
+    mid = (image[:, 0] > 0.3) & (image[:, 0] < 0.7)
+    assert abs(residual[:, 0][mid].var().item() / (image[:, 0][mid].mean().item() / 256) - 1) < 0.15
+    # a colour image: the noise is that of its luma, the same on every channel
+    colour = torch.stack([image[:, 0], image[:, 0] * 0.5, 1 - image[:, 0]], 1)
+    residual = add_noise(colour, NoiseParams("poisson", 1.0, gray=True), gen()) - colour
+    luma = 0.299 * colour[:, 0] + 0.587 * colour[:, 1] + 0.114 * colour[:, 2]
+    photons = 2 ** math.ceil(math.log2(len(torch.unique((luma * 255).round()))))  # BasicSR: 2^ceil(log2(levels))
+    assert photons == 128
+    inside = (colour > 0.05).all(1) & (colour < 0.95).all(1)
+    assert abs(residual[:, 1][inside].var().item() / (luma[inside].mean().item() / photons) - 1) < 0.15
+    unclipped = inside & (colour + residual > 0).all(1) & (colour + residual < 1).all(1)
+    assert unclipped.float().mean() > 0.3
+    assert torch.allclose(residual[:, 0][unclipped], residual[:, 2][unclipped], atol=1e-6)

@@ -390,3 +390,12 @@ def test_long_key_lists_are_shortened(tmp_path):
     message = str(info.value)
     assert f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + f", ... ({len(missing) - 20} more)" in message
     assert "unexpected" not in message and "shape" not in message and str(path) in message
+
+
+def test_smallest_discriminator_and_key_list_lengths(tmp_path):
+    assert UNetDiscriminatorSN(num_in_ch=1, num_feat=1)(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)
+    from metaf2n.models.checkpoint import _format_keys
+
+    keys = [f"k{i:02d}" for i in range(21)]
+    assert _format_keys(keys[:20]) == ", ".join(keys[:20])  # 20 keys: all listed
+    assert _format_keys(keys) == ", ".join(keys[:20]) + ", ... (1 more)"
