@@ -558,3 +558,11 @@ def test_edge_mask_argument_edges():
         with pytest.raises(error) as info:
             call()
         assert words in str(info.value), str(info.value)
+
+
+def test_module_defaults_and_mask_are_the_functions(photo_pair):
+    sr, hr = photo_pair
+    torch.testing.assert_close(SelfSimilarityLoss()(sr, hr), ssl_loss(sr, hr), rtol=0, atol=0)
+    mask = edge_mask(hr, threshold=60.0)
+    torch.testing.assert_close(SelfSimilarityLoss()(sr, hr, mask), ssl_loss(sr, hr, mask), rtol=0, atol=0)
+    assert SelfSimilarityLoss()(sr, hr, mask) != SelfSimilarityLoss()(sr, hr)
