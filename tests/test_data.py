@@ -24,7 +24,7 @@ from metaf2n.data import (
     texture_score,
 )
 from metaf2n.data.demo import detect_faces
-from metaf2n.data.images import crop_or_pad
+from metaf2n.data.images import crop_or_pad, resize_image
 from metaf2n.degrade import (
     DegradationConfig,
     apply_degradation,
@@ -467,3 +467,71 @@ def test_restorer_errors_name_their_argument(tmp_path):
     restorer = TorchScriptRestorer(scripted(Invert(), tmp_path, "inv"), device="cpu")
     assert restorer.device == torch.device("cpu")
     assert next(iter(restorer.module.parameters()), torch.zeros(0)).device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- crops, pads and resizes
+
+
+def windows_of(image, size):
+    return [image[:, y:y + size, x:x + size] for y in range(image.shape[1] - size + 1)
+            for x in range(image.shape[2] - size + 1)]
+
+
+def test_crop_or_pad_reflect_pads_only_a_short_side_at_the_bottom_right():
+    g = gen(0)
+    short = torch.rand(3, 30, 45, generator=g)
+    # numpy's "reflect" mirrors without repeating the edge row, like torch's
+    padded = torch.from_numpy(np.pad(short.numpy(), ((0, 0), (0, 10), (0, 0)), mode="reflect"))
+    for seed in range(5):
+        crop = crop_or_pad(short, 40, gen(seed))
+        assert any(torch.equal(crop, w) for w in windows_of(padded, 40))
+    square = torch.rand(3, 41, 41, generator=g)  # no padding: every crop is a window of the image itself
+    crops = [crop_or_pad(square, 40, gen(seed)) for seed in range(30)]
+    places = {next(i for i, w in enumerate(windows_of(square, 40)) if torch.equal(c, w)) for c in crops}
+    assert places == {0, 1, 2, 3}  # all four offsets occur, and nothing else
+    torch.manual_seed(1)
+    a = crop_or_pad(square, 40, gen(7))
+    torch.manual_seed(2)
+    assert torch.equal(a, crop_or_pad(square, 40, gen(7)))  # only the given generator decides
+
+
+def test_crop_or_pad_upscales_a_side_of_at_most_half_the_size():
+    g = gen(1)
+    thin = torch.rand(3, 20, 60, generator=g)  # 20 * 2 <= 40: upscaled so that the short side is 40
+    crop = crop_or_pad(thin, 40, g)
+    upscaled = resize_image(thin, (40, 120))
+    assert any(torch.equal(crop, w) for w in windows_of(upscaled, 40))
+    wider = torch.rand(3, 21, 60, generator=g)  # 21 * 2 > 40: reflect-padded instead
+    crop = crop_or_pad(wider, 40, g)
+    assert any(torch.equal(crop[:, :21], wider[:, :, x:x + 40]) for x in range(21))
+
+
+def test_resize_image_is_antialiased_clamped_and_a_no_op_at_the_same_size():
+    x = torch.rand(3, 9, 7)
+    assert resize_image(x, (9, 7)) is x
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float().expand(3, 64, 64)
+    small = resize_image(checker, (16, 16))
+    assert (small - 0.5).abs().max() < 0.02  # antialiasing averages the checkerboard away
+    step = torch.zeros(3, 8, 8)
+    step[..., 4:] = 1
+    big = resize_image(step, (32, 32))  # bicubic overshoots at the step; the result is clamped
+    assert big.min() == 0 and big.max() == 1
+    assert (torch.nn.functional.interpolate(step[None], size=(32, 32), mode="bicubic", align_corners=False)
+            .abs().max() > 1)
+
+
+def test_folder_arguments_and_warnings(folders, caplog):
+    faces, backgrounds = folders
+    assert BackgroundFolder(backgrounds, crop_size=1).draw(gen()).shape == (3, 1, 1)
+    with pytest.raises(ValueError, match=r"^crop_size must be >= 1, got 0$"):
+        BackgroundFolder(backgrounds, crop_size=0)
+    with pytest.raises(ValueError, match=r"^face_size must be >= 1, got 0$"):
+        FaceFolder(faces, face_size=0)
+    (faces / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    folder = FaceFolder(faces, face_size=8)
+    with caplog.at_level(logging.WARNING, logger="metaf2n.data.images"):
+        for i in range(40):
+            folder.draw(gen(i))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("skipping unreadable image ") and "broken.png: " in message
+    assert len(message.split("broken.png: ", 1)[1]) > 5  # the decoder's reason follows
