@@ -93,6 +93,50 @@ namespace {
 
 std::string_view view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
 
+// Work of the two CPU paths per offset, in "element operations" (see bench/bench_ssl.py --sweep):
+//  direct: N C P^2 squared differences;
+//  dense:  per band of rows, C squared differences on (lines + P - 1) x width pixels, P adds on each line holding
+//          rows, P adds per row; estimated here from the lines that hold rows, with width = W.
+// kDenseCostRatio is the time of one dense element operation over one direct one, from the density sweep of
+// bench/bench_ssl.py --sweep (256^2 crop, search 25, patch 9, 2 threads): see kDenseCostRatio's measurement note.
+constexpr double kDenseCostRatio = 1.0;
+
+bool dense_is_cheaper(const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
+  const int64_t N = pos.size(0), B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+  if (N == 0) return false;
+  constexpr int64_t kBandLines = 16;  // csrc/cpu/ssg_dense.cpp's kLines
+  std::vector<uint8_t> line_used(B * H, 0), band_used(B * ((H + kBandLines - 1) / kBandLines), 0);
+  const int64_t* rows = pos.data_ptr<int64_t>();
+  int64_t lines = 0, bands = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t b = rows[3 * i], y = rows[3 * i + 1];
+    uint8_t& line = line_used[b * H + y];
+    lines += !line;
+    line = 1;
+    uint8_t& band = band_used[b * ((H + kBandLines - 1) / kBandLines) + y / kBandLines];
+    bands += !band;
+    band = 1;
+  }
+  const double P = static_cast<double>(p.patch);
+  const double direct = static_cast<double>(N) * C * P * P;
+  const double dense = static_cast<double>(W) * ((lines + bands * (P - 1)) * C + lines * P) + N * P;
+  return direct > kDenseCostRatio * dense;
+}
+
+// Which implementation computes the op: "direct" (one patch loop per row), "dense" (box filters over bands of
+// lines) or "auto" (the cheaper by the work estimate above). CUDA has only the direct kernels.
+bool use_dense(c10::string_view path, const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
+  const std::string_view name = view(path);
+  TORCH_CHECK_VALUE(name == "auto" || name == "direct" || name == "dense",
+                    "path must be \"auto\", \"direct\" or \"dense\", got \"", std::string(name), "\"");
+  if (image.is_cuda()) {
+    TORCH_CHECK_NOT_IMPLEMENTED(name != "dense", "path=\"dense\" is not implemented on CUDA: use \"auto\" or \"direct\"");
+    return false;
+  }
+  if (name == "auto") return dense_is_cheaper(image, pos, p);
+  return name == "dense";
+}
+
 // Half and bfloat16 images are computed in float32 on the CPU; CUDA kernels read them natively.
 at::Tensor cpu_compute_input(const at::Tensor& t) {
   const auto dtype = t.scalar_type();
@@ -100,32 +144,35 @@ at::Tensor cpu_compute_input(const at::Tensor& t) {
 }
 
 at::Tensor similarity_graph(const at::Tensor& image, const at::Tensor& positions, int64_t search, int64_t patch,
-                            double h, c10::string_view padding) {
+                            double h, c10::string_view padding, c10::string_view path) {
   const GraphParams p = make_params(search, patch, h, view(padding));
   check_image(image, "image", p);
   check_positions(positions, image);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const bool dense = use_dense(path, image, pos, p);  // "dense" on CUDA raises here
 #ifdef METAF2N_WITH_CUDA
   if (image.is_cuda()) return cuda::graph_forward(image, pos, p);
 #endif
-  return cpu::graph_forward(cpu_compute_input(image), pos, p).to(image.scalar_type());
+  const auto forward = dense ? &cpu::dense::graph_forward : &cpu::graph_forward;
+  return forward(cpu_compute_input(image), pos, p).to(image.scalar_type());
 }
 
 at::Tensor similarity_graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                                      const at::Tensor& positions, int64_t search, int64_t patch, double h,
-                                     c10::string_view padding) {
+                                     c10::string_view padding, c10::string_view path) {
   const GraphParams p = make_params(search, patch, h, view(padding));
   check_image(image, "image", p);
   check_positions(positions, image);
   check_rows(grad_rows, "grad_rows", positions, p, image);
   check_rows(rows, "rows", positions, p, image);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const bool dense = use_dense(path, image, pos, p);  // "dense" on CUDA raises here
 #ifdef METAF2N_WITH_CUDA
   if (image.is_cuda()) return cuda::graph_backward(grad_rows, rows, image, pos, p);
 #endif
   const at::Tensor x = cpu_compute_input(image);
-  return cpu::graph_backward(grad_rows.to(x.scalar_type()), rows.to(x.scalar_type()), x, pos, p)
-      .to(image.scalar_type());
+  const auto backward = dense ? &cpu::dense::graph_backward : &cpu::graph_backward;
+  return backward(grad_rows.to(x.scalar_type()), rows.to(x.scalar_type()), x, pos, p).to(image.scalar_type());
 }
 
 // The checked arguments of the loss ops.
@@ -146,18 +193,22 @@ LossCall check_loss_args(const at::Tensor& sr, const at::Tensor& hr, const at::T
 }
 
 at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
-                    int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding) {
+                    int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding,
+                    c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
+  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
 #ifdef METAF2N_WITH_CUDA
   if (sr.is_cuda()) return cuda::loss_forward(sr, hr, pos, p, w);
 #endif
-  return cpu::loss_forward(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
+  const auto forward = dense ? &cpu::dense::loss_forward : &cpu::loss_forward;
+  return forward(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
 }
 
 at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                              const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl_weight,
-                             double l1_weight, c10::string_view padding) {
+                             double l1_weight, c10::string_view padding, c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
+  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got shape ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == sr.device(), "grad must be on sr's device ", sr.device(), ", got ",
                     grad.device());
@@ -165,19 +216,22 @@ at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const
   if (sr.is_cuda()) return cuda::loss_backward(grad, sr, hr, pos, p, w);
 #endif
   const at::Tensor x = cpu_compute_input(sr);
-  return cpu::loss_backward(grad.to(x.scalar_type()), x, cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
+  const auto backward = dense ? &cpu::dense::loss_backward : &cpu::loss_backward;
+  return backward(grad.to(x.scalar_type()), x, cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
 }
 
 // Used by autograd when sr requires a gradient: the backward then only scales the saved gradient.
 std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                       const at::Tensor& positions, int64_t search, int64_t patch,
                                                       double h, double kl_weight, double l1_weight,
-                                                      c10::string_view padding) {
+                                                      c10::string_view padding, c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
+  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
 #ifdef METAF2N_WITH_CUDA
   if (sr.is_cuda()) return cuda::loss_with_grad(sr, hr, pos, p, w);
 #endif
-  auto [loss, grad] = cpu::loss_with_grad(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w);
+  const auto fused = dense ? &cpu::dense::loss_with_grad : &cpu::loss_with_grad;
+  auto [loss, grad] = fused(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w);
   return {loss.to(sr.scalar_type()), grad.to(sr.scalar_type())};
 }
 
@@ -201,19 +255,19 @@ bool has_cuda_kernels() {
 }  // namespace
 
 TORCH_LIBRARY(metaf2n, m) {
-  m.def("similarity_graph(Tensor image, Tensor positions, int search, int patch, float h, str padding) -> Tensor");
+  m.def("similarity_graph(Tensor image, Tensor positions, int search, int patch, float h, str padding, str path=\"auto\") -> Tensor");
   m.def(
       "similarity_graph_backward(Tensor grad_rows, Tensor rows, Tensor image, Tensor positions, int search, "
-      "int patch, float h, str padding) -> Tensor");
+      "int patch, float h, str padding, str path=\"auto\") -> Tensor");
   m.def(
       "ssl_loss(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl_weight, "
-      "float l1_weight, str padding) -> Tensor");
+      "float l1_weight, str padding, str path=\"auto\") -> Tensor");
   m.def(
       "ssl_loss_backward(Tensor grad, Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
-      "float kl_weight, float l1_weight, str padding) -> Tensor");
+      "float kl_weight, float l1_weight, str padding, str path=\"auto\") -> Tensor");
   m.def(
       "ssl_loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
-      "float kl_weight, float l1_weight, str padding) -> (Tensor, Tensor)");
+      "float kl_weight, float l1_weight, str padding, str path=\"auto\") -> (Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 #ifdef METAF2N_WITH_CUDA
   m.def(

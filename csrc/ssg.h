@@ -56,6 +56,18 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& w);
+namespace dense {  // the same entry points computed by box filters (csrc/cpu/ssg_dense.cpp)
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p);
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& w);
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& w);
+}  // namespace dense
 }  // namespace cpu
 
 #ifdef METAF2N_WITH_CUDA

@@ -18,6 +18,7 @@ from . import _C  # noqa: F401  (registers torch.ops.metaf2n.*)
 __all__ = ["has_cuda_kernels", "similarity_graph", "ssl_loss"]
 
 PADDINGS = ("image", "window")
+PATHS = ("auto", "direct", "dense")
 
 
 def has_cuda_kernels() -> bool:
@@ -32,9 +33,14 @@ def similarity_graph(
     patch: int = 9,
     h: float = 0.004,
     padding: str = "image",
+    path: str = "auto",
 ) -> torch.Tensor:
-    """Normalised self-similarity rows of ``image`` (B, C, H, W) at ``positions`` (N, 3): returns (N, search**2)."""
-    return torch.ops.metaf2n.similarity_graph(image, positions, search, patch, h, padding)
+    """Normalised self-similarity rows of ``image`` (B, C, H, W) at ``positions`` (N, 3): returns (N, search**2).
+
+    ``path`` picks the implementation: ``"direct"`` (one patch loop per row), ``"dense"`` (box filters over bands
+    of lines, CPU only) or ``"auto"`` (the cheaper of the two by a measured work estimate). They agree to rounding.
+    """
+    return torch.ops.metaf2n.similarity_graph(image, positions, search, patch, h, padding, path)
 
 
 def ssl_loss(
@@ -47,16 +53,20 @@ def ssl_loss(
     kl_weight: float = 1000.0,
     l1_weight: float = 1000.0,
     padding: str = "image",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Fused ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|`` averaged over N x K; a scalar.
 
     When ``sr`` needs a gradient, the loss and its gradient are computed in one pass (``ssl_loss_with_grad``), which
-    keeps one image-sized gradient until backward and saves recomputing both graphs there.
+    keeps one image-sized gradient until backward and saves recomputing both graphs there. ``path`` as in
+    :func:`similarity_graph`.
     """
     if sr.requires_grad and torch.is_grad_enabled():
-        loss, _ = torch.ops.metaf2n.ssl_loss_with_grad(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding)
+        loss, _ = torch.ops.metaf2n.ssl_loss_with_grad(
+            sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path
+        )
         return loss
-    return torch.ops.metaf2n.ssl_loss(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding)
+    return torch.ops.metaf2n.ssl_loss(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path)
 
 
 # --- fake kernels: shapes and dtypes only ---------------------------------------------------------------------
@@ -69,35 +79,35 @@ def _check_device(tensor: torch.Tensor, name: str, image: torch.Tensor, image_na
 
 
 @torch.library.register_fake("metaf2n::similarity_graph")
-def _similarity_graph_fake(image, positions, search, patch, h, padding):
+def _similarity_graph_fake(image, positions, search, patch, h, padding, path="auto"):
     _check_device(positions, "positions", image, "image")
     torch._check(positions.dim() == 2 and positions.shape[1] == 3)
     return image.new_empty((positions.shape[0], search * search))
 
 
 @torch.library.register_fake("metaf2n::similarity_graph_backward")
-def _similarity_graph_backward_fake(grad_rows, rows, image, positions, search, patch, h, padding):
+def _similarity_graph_backward_fake(grad_rows, rows, image, positions, search, patch, h, padding, path="auto"):
     for tensor, name in ((grad_rows, "grad_rows"), (rows, "rows"), (positions, "positions")):
         _check_device(tensor, name, image, "image")
     return torch.empty_like(image, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("metaf2n::ssl_loss")
-def _ssl_loss_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+def _ssl_loss_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path="auto"):
     _check_device(hr, "hr", sr, "sr")
     _check_device(positions, "positions", sr, "sr")
     return sr.new_empty(())
 
 
 @torch.library.register_fake("metaf2n::ssl_loss_backward")
-def _ssl_loss_backward_fake(grad, sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+def _ssl_loss_backward_fake(grad, sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path="auto"):
     for tensor, name in ((grad, "grad"), (hr, "hr"), (positions, "positions")):
         _check_device(tensor, name, sr, "sr")
     return torch.empty_like(sr, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("metaf2n::ssl_loss_with_grad")
-def _ssl_loss_with_grad_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding):
+def _ssl_loss_with_grad_fake(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path="auto"):
     _check_device(hr, "hr", sr, "sr")
     _check_device(positions, "positions", sr, "sr")
     return sr.new_empty(()), torch.empty_like(sr, memory_format=torch.contiguous_format)
@@ -157,9 +167,9 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def _graph_setup_context(ctx, inputs, output):
-    image, positions, search, patch, h, padding = inputs
+    image, positions, search, patch, h, padding, path = inputs
     ctx.save_for_backward(image, positions, output)
-    ctx.params = (search, patch, h, padding)
+    ctx.params = (search, patch, h, padding, path)
 
 
 def _graph_backward(ctx, grad_rows):
@@ -171,7 +181,7 @@ def _graph_backward(ctx, grad_rows):
             grad_image = torch.ops.metaf2n.similarity_graph_backward(grad_rows, rows, image, positions, *ctx.params)
         if building_graph:
             grad_image = _NoDoubleBackward.apply(grad_image, "metaf2n.similarity_graph", image, grad_rows)
-    return grad_image, None, None, None, None, None
+    return grad_image, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -180,9 +190,9 @@ torch.library.register_autograd(
 
 
 def _loss_setup_context(ctx, inputs, output):
-    sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding = inputs
+    sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding, path = inputs
     ctx.save_for_backward(sr, hr, positions)
-    ctx.params = (search, patch, h, kl_weight, l1_weight, padding)
+    ctx.params = (search, patch, h, kl_weight, l1_weight, padding, path)
 
 
 def _loss_backward(ctx, grad):
@@ -196,7 +206,7 @@ def _loss_backward(ctx, grad):
         else:
             grad_sr = torch.ops.metaf2n.ssl_loss_backward(grad, sr, hr, positions, *ctx.params)
     # hr is the target: it never receives a gradient.
-    return grad_sr, None, None, None, None, None, None, None, None
+    return grad_sr, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("metaf2n::ssl_loss", _loss_backward, setup_context=_loss_setup_context)
@@ -212,7 +222,7 @@ def _loss_with_grad_setup_context(ctx, inputs, output):
 def _loss_with_grad_backward(ctx, grad_loss, grad_of_grad):
     grad_sr, sr = ctx.saved_tensors
     grad = None if grad_loss is None else _guard_double_backward(grad_loss, grad_sr, sr, "metaf2n.ssl_loss")
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import ops
 
-__all__ = ["edge_mask", "mask_positions", "self_similarity_graph", "ssl_loss", "SelfSimilarityLoss"]
+__all__ = ["SelfSimilarityLoss", "edge_mask", "mask_positions", "self_similarity_graph", "ssl_loss"]
 
 # ITU-R BT.601 luma as PIL's Image.convert("L") computes it, the grey image of the published mask generator:
 # Y = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
@@ -98,13 +98,14 @@ def self_similarity_graph(
     patch: int = 9,
     h: float = 0.004,
     padding: str = "image",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Self-similarity rows of ``img`` (B, C, H, W) at the True pixels of ``mask`` (B, H, W).
 
     Returns (N, search**2), rows in ``torch.nonzero(mask)`` order, each summing to 1. Differentiable w.r.t. img.
     """
     _check_image(img, "img")
-    return ops.similarity_graph(img, mask_positions(mask, img), search, patch, h, padding)
+    return ops.similarity_graph(img, mask_positions(mask, img), search, patch, h, padding, path)
 
 
 def ssl_loss(
@@ -119,12 +120,14 @@ def ssl_loss(
     padding: str = "image",
     threshold: float = 20.0,
     stride: int = 1,
+    path: str = "auto",
 ) -> torch.Tensor:
     """Self-similarity loss between ``sr`` and ``hr`` (B, C, H, W) in [0, 1]; a scalar.
 
     ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|``, both averaged over the N masked pixels and the K
     offsets. ``mask`` (B, H, W) bool selects the pixels; None means ``edge_mask(hr, threshold, stride)``. An empty
-    mask gives 0 with a zero gradient. ``hr`` never receives a gradient.
+    mask gives 0 with a zero gradient. ``hr`` never receives a gradient. ``path`` picks the implementation,
+    ``"direct"``, ``"dense"`` (CPU only) or ``"auto"``, see :func:`metaf2n.ops.similarity_graph`.
     """
     _check_image(sr, "sr")
     _check_image(hr, "hr")
@@ -132,7 +135,9 @@ def ssl_loss(
         raise ValueError(f"hr must have the shape of sr {tuple(sr.shape)}, got {tuple(hr.shape)}")
     if mask is None:
         mask = edge_mask(hr, threshold, stride)
-    return ops.ssl_loss(sr, hr.detach(), mask_positions(mask, sr), search, patch, h, kl_weight, l1_weight, padding)
+    return ops.ssl_loss(
+        sr, hr.detach(), mask_positions(mask, sr), search, patch, h, kl_weight, l1_weight, padding, path
+    )
 
 
 class SelfSimilarityLoss(nn.Module):
@@ -148,11 +153,12 @@ class SelfSimilarityLoss(nn.Module):
         padding: str = "image",
         threshold: float = 20.0,
         stride: int = 1,
+        path: str = "auto",
     ) -> None:
         super().__init__()
         self.search, self.patch, self.h = search, patch, h
         self.kl_weight, self.l1_weight = kl_weight, l1_weight
-        self.padding, self.threshold, self.stride = padding, threshold, stride
+        self.padding, self.threshold, self.stride, self.path = padding, threshold, stride, path
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return ssl_loss(
@@ -167,10 +173,12 @@ class SelfSimilarityLoss(nn.Module):
             padding=self.padding,
             threshold=self.threshold,
             stride=self.stride,
+            path=self.path,
         )
 
     def extra_repr(self) -> str:
         return (
             f"search={self.search}, patch={self.patch}, h={self.h}, kl_weight={self.kl_weight}, "
-            f"l1_weight={self.l1_weight}, padding={self.padding!r}, threshold={self.threshold}, stride={self.stride}"
+            f"l1_weight={self.l1_weight}, padding={self.padding!r}, threshold={self.threshold}, stride={self.stride}, "
+            f"path={self.path!r}"
         )

@@ -8,7 +8,7 @@
 // Backward passes scatter into band buffers: rows are sorted by (b, y, x) and grouped by kBandLines image lines,
 // each group writes its own buffer, and buffers are added to the padded gradient in group order. The result does
 // not depend on the number of threads and never needs atomics.
-#include "ssg.h"
+#include "cpu/cpu_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,7 +36,6 @@ namespace kernels {
 constexpr int kVectorBytes = 32;
 template <typename T>
 constexpr int lanes = kVectorBytes / sizeof(T);
-constexpr int64_t kSlack = 16;  // elements, >= lanes<float> - 1
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One AVX2/FMA clone and one baseline clone, picked at load time.
@@ -287,29 +286,12 @@ METAF2N_MULTIVERSION void scatter(const double* centre, int64_t cs, int64_t ls, 
 
 namespace {
 
+using namespace common;
+
 constexpr int64_t kChunkRows = 32;     // rows whose distances are turned into probabilities together
 constexpr int64_t kBandLines = 8;      // image lines per backward band
 constexpr int64_t kBandsPerWave = 64;  // bands whose buffers are alive at once
 
-// Far-away offsets have probabilities like exp(-100); their products with gradient terms fall below float's normal
-// range, where x86 arithmetic is tens of times slower. Inside our loops such values are flushed to zero (FTZ/DAZ),
-// which changes results by less than 1e-38 in absolute value. The thread's previous mode is restored on exit.
-class FlushDenormals {
- public:
-#if defined(__x86_64__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned int saved_;
-#endif
-};
-
-struct Pixel {
-  int64_t b, y, x;
-};
-
-Pixel pixel_at(const int64_t* pos, int64_t i) { return Pixel{pos[3 * i], pos[3 * i + 1], pos[3 * i + 2]}; }
 
 // A view of one row's tile: `centre` is the row's pixel in channel 0.
 template <typename T>
@@ -367,26 +349,6 @@ void row_distances(TileSource<T>& source, const int64_t* pos, const int64_t* ids
   }
 }
 
-// softmax(-d2 / (h C P^2)) along rows; the centre term is exp(0) = 1, so no row sum is below 1.
-at::Tensor rows_from_distances(const at::Tensor& d2, const GraphParams& p, int64_t C) {
-  return at::softmax(d2 * (-1.0 / (p.h * C * p.patch * p.patch)), 1);
-}
-
-// Factor turning dL/dz into the scatter weight of (a - b): z = -d2 / h and d d2 / d a = 2 (a - b) / (C P^2).
-double scatter_factor(const GraphParams& p, int64_t C) { return -2.0 / (p.h * C * p.patch * p.patch); }
-
-// The reflect-padded image, followed in memory by kSlack zeros that tile reads may run into.
-at::Tensor reflect_pad(const at::Tensor& image, int64_t pad) {
-  const int64_t B = image.size(0), C = image.size(1), Hp = image.size(2) + 2 * pad, Wp = image.size(3) + 2 * pad;
-  at::Tensor storage = at::zeros({B * C * Hp * Wp + kernels::kSlack}, image.options());
-  at::Tensor padded = storage.narrow(0, 0, B * C * Hp * Wp).view({B, C, Hp, Wp});
-  at::reflection_pad2d_out(padded, image.contiguous(), {pad, pad, pad, pad});
-  return padded;
-}
-
-at::Tensor unpad_gradient(const at::Tensor& grad_padded, const at::Tensor& image, int64_t pad) {
-  return at::reflection_pad2d_backward(grad_padded, image.contiguous(), {pad, pad, pad, pad});
-}
 
 // Calls fn(ids, count) for consecutive chunks of kChunkRows rows, in parallel. The chunking does not depend on
 // the number of threads.
@@ -542,12 +504,6 @@ std::vector<int64_t> identity_ids(int64_t N) {
   return ids;
 }
 
-// The two graphs of a chunk of rows, (count, K) each, with their log-probabilities: S, logS from sr; H, logH from hr.
-template <typename T>
-struct LossRows {
-  int64_t count, K;
-  std::vector<T> S, logS, H, logH;
-};
 
 // Fills the calling thread's LossRows, whose buffers live as long as the thread: chunk-sized allocations freed
 // and taken again for every chunk would keep handing pages back to the system and faulting them in again.
@@ -575,52 +531,6 @@ const LossRows<T>& loss_rows(const at::Tensor& padded_sr, const at::Tensor& padd
   return rows;
 }
 
-// kl_weight * sum(t (log t - log max(S, floor))) + l1_weight * sum|S - H| over a chunk, t = max(H, floor);
-// log max(S, floor) = max(log S, log floor) needs no logarithm per entry.
-template <typename T>
-double chunk_loss(const LossRows<T>& rows, const LossWeights& lw) {
-  const T floor = static_cast<T>(kProbFloor), log_floor = static_cast<T>(std::log(kProbFloor));
-  double kl = 0, l1 = 0;
-  for (int64_t r = 0; r < rows.count; ++r) {
-    T row_kl = 0, row_l1 = 0;
-    for (int64_t k = r * rows.K; k < (r + 1) * rows.K; ++k) {
-      const T t = std::max(rows.H[k], floor);
-      row_kl += t * (std::max(rows.logH[k], log_floor) - std::max(rows.logS[k], log_floor));
-      row_l1 += std::abs(rows.S[k] - rows.H[k]);
-    }
-    kl += row_kl;
-    l1 += row_l1;
-  }
-  return lw.kl * kl + lw.l1 * l1;
-}
-
-// Scatter weights of the loss: a, b already include the mean, the incoming gradient and scatter_factor().
-// dL/dz_k = a (S_k sum_{j in U} t_j - t_k [k in U]) + b S_k (sgn_k - sum_j S_j sgn_j), U = {S_j >= floor}.
-template <typename T>
-void loss_weights(const LossRows<T>& rows, double a, double b, T* out) {
-  const T floor = static_cast<T>(kProbFloor);
-  for (int64_t r = 0; r < rows.count; ++r) {
-    const T* S = rows.S.data() + r * rows.K;
-    const T* H = rows.H.data() + r * rows.K;
-    T sum_t_in_u = 0, sum_s_sgn = 0;
-    for (int64_t k = 0; k < rows.K; ++k) {
-      if (S[k] >= floor) sum_t_in_u += std::max(H[k], floor);
-      sum_s_sgn += S[k] * static_cast<T>((S[k] > H[k]) - (S[k] < H[k]));
-    }
-    for (int64_t k = 0; k < rows.K; ++k) {
-      const T t_in_u = S[k] >= floor ? std::max(H[k], floor) : T(0);
-      const T sgn = static_cast<T>((S[k] > H[k]) - (S[k] < H[k]));
-      out[r * rows.K + k] = static_cast<T>(a) * (S[k] * sum_t_in_u - t_in_u) +
-                            static_cast<T>(b) * S[k] * (sgn - sum_s_sgn);
-    }
-  }
-}
-
-double sum_in_order(const std::vector<double>& values) {
-  double total = 0;
-  for (double v : values) total += v;
-  return total;
-}
 
 }  // namespace
 
