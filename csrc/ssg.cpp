@@ -93,33 +93,33 @@ namespace {
 
 std::string_view view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
 
-// Work of the two CPU paths per offset, in "element operations" (see bench/bench_ssl.py --sweep):
+// Work of the two CPU paths per offset, in element operations:
 //  direct: N C P^2 squared differences;
-//  dense:  per band of rows, C squared differences on (lines + P - 1) x width pixels, P adds on each line holding
-//          rows, P adds per row; estimated here from the lines that hold rows, with width = W.
-// kDenseCostRatio is the time of one dense element operation over one direct one, from the density sweep of
-// bench/bench_ssl.py --sweep (256^2 crop, search 25, patch 9, 2 threads): see kDenseCostRatio's measurement note.
-constexpr double kDenseCostRatio = 1.0;
+//  dense:  C + 3 per pixel of the lines its bands read (the lines holding rows, plus P - 1 per band of 32 lines,
+//          width W) and P per row (the sum over the patch width).
+// kDenseCostRatio is the time of one dense element operation over one direct one, fitted by
+// `python bench/bench_ssl.py --sweep` (fused loss forward + backward, 256^2 crop, search 25, patch 9, masks of
+// density 0.2% to 41%). Its table and the crossover plot are in the README's benchmark section.
+constexpr double kDenseCostRatio = 1.4;
 
 bool dense_is_cheaper(const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
   const int64_t N = pos.size(0), B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
   if (N == 0) return false;
-  constexpr int64_t kBandLines = 16;  // csrc/cpu/ssg_dense.cpp's kLines
-  std::vector<uint8_t> line_used(B * H, 0), band_used(B * ((H + kBandLines - 1) / kBandLines), 0);
+  constexpr int64_t kBandLines = 32;  // csrc/cpu/ssg_dense.cpp's kLines
+  const int64_t bands_per_image = (H + kBandLines - 1) / kBandLines;
+  std::vector<uint8_t> line_used(B * H, 0), band_used(B * bands_per_image, 0);
   const int64_t* rows = pos.data_ptr<int64_t>();
   int64_t lines = 0, bands = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t b = rows[3 * i], y = rows[3 * i + 1];
-    uint8_t& line = line_used[b * H + y];
-    lines += !line;
-    line = 1;
-    uint8_t& band = band_used[b * ((H + kBandLines - 1) / kBandLines) + y / kBandLines];
-    bands += !band;
-    band = 1;
+    lines += !line_used[b * H + y];
+    line_used[b * H + y] = 1;
+    bands += !band_used[b * bands_per_image + y / kBandLines];
+    band_used[b * bands_per_image + y / kBandLines] = 1;
   }
   const double P = static_cast<double>(p.patch);
   const double direct = static_cast<double>(N) * C * P * P;
-  const double dense = static_cast<double>(W) * ((lines + bands * (P - 1)) * C + lines * P) + N * P;
+  const double dense = static_cast<double>(W) * (lines + bands * (P - 1)) * (C + 3) + N * P;
   return direct > kDenseCostRatio * dense;
 }
 
@@ -244,6 +244,15 @@ std::vector<int64_t> cuda_shared_memory_plan(int64_t channels, int64_t search, i
 }
 #endif
 
+// The path "auto" takes for these arguments (for the benchmark and the tests).
+std::string auto_path(const at::Tensor& image, const at::Tensor& positions, int64_t search, int64_t patch,
+                      c10::string_view padding) {
+  const GraphParams p = make_params(search, patch, 1.0, view(padding));
+  check_image(image, "image", p);
+  check_positions(positions, image);
+  return use_dense("auto", image, positions.to(at::kLong).contiguous(), p) ? "dense" : "direct";
+}
+
 bool has_cuda_kernels() {
 #ifdef METAF2N_WITH_CUDA
   return true;
@@ -269,6 +278,7 @@ TORCH_LIBRARY(metaf2n, m) {
       "ssl_loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
       "float kl_weight, float l1_weight, str padding, str path=\"auto\") -> (Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+  m.def("_auto_path(Tensor image, Tensor positions, int search, int patch, str padding) -> str", &auto_path);
 #ifdef METAF2N_WITH_CUDA
   m.def(
       "_cuda_shared_memory_plan(int channels, int search, int patch, str padding, int mode, bool fast_grad, "

@@ -85,6 +85,22 @@ METAF2N_DENSE_INLINE void slide_squared_differences_impl(const T* a, const T* b,
   }
 }
 
+// out[x] = sum_{t < wide} in[x + t] for x < n, added in t order (as the per-row loops do).
+template <typename T>
+METAF2N_DENSE_INLINE void box_line_impl(const T* in, int64_t n, int64_t wide, T* out) {
+  int64_t x = 0;
+  for (; x + wide_lanes<T> <= n; x += wide_lanes<T>) {
+    Wide<T> acc = load(in + x);
+    for (int64_t t = 1; t < wide; ++t) acc += load(in + x + t);
+    store(out + x, acc);
+  }
+  for (; x < n; ++x) {
+    T acc = in[x];
+    for (int64_t t = 1; t < wide; ++t) acc += in[x + t];
+    out[x] = acc;
+  }
+}
+
 // sums[x] = sum_{t < count} lines[t * n + x], added in t order.
 template <typename T>
 METAF2N_DENSE_INLINE void sum_lines_impl(const T* __restrict lines, int64_t count, int64_t n, T* __restrict sums) {
@@ -159,6 +175,9 @@ METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift
   METAF2N_DENSE_MULTIVERSION void slide_squared_differences(const T* a, const T* b, int64_t cs, int64_t C,          \
                                                             int64_t n, T* ring, T* sums) {                          \
     slide_squared_differences_impl(a, b, cs, C, n, ring, sums);                                                     \
+  }                                                                                                                 \
+  METAF2N_DENSE_MULTIVERSION void box_line(const T* in, int64_t n, int64_t wide, T* out) {                        \
+    box_line_impl(in, n, wide, out);                                                                                \
   }                                                                                                                 \
   METAF2N_DENSE_MULTIVERSION void sum_lines(const T* lines, int64_t count, int64_t n, T* sums) {                   \
     sum_lines_impl(lines, count, n, sums);                                                                          \
@@ -311,8 +330,12 @@ struct Padded {
 // Per-thread buffers, grown as needed and kept for the thread's bands.
 template <typename T>
 struct Workspace {
-  std::vector<T> ring, sums, spread, by_offset;
+  std::vector<T> ring, sums, line, spread, by_offset;
 };
+
+// Whether a line's rows are summed over the patch width by one vector pass over the line (cost ~ width) rather than
+// one loop per row (cost ~ rows, but scalar): the vector pass wins from about one row per 8 pixels.
+bool box_whole_line(int64_t rows, int64_t width) { return 8 * rows >= width; }
 
 template <typename T>
 T* sized(std::vector<T>& v, int64_t n) {
@@ -343,6 +366,7 @@ void band_distances(const Padded<T>& img, const SquareSums* squares, const Dense
       const int64_t qy0 = band.y0 + ay.lo, qx0 = band.xlo + ax.lo, width = band.xhi - band.xlo + wide;
       T* ring = sized(ws.ring, height * width);
       T* sums = sized(ws.sums, width);
+      T* boxed = sized(ws.line, width);
       std::fill(ring, ring + height * width, T(0));
       std::fill(sums, sums + width, T(0));
       const int64_t shift = oy * img.Wp + ox;
@@ -352,10 +376,16 @@ void band_distances(const Padded<T>& img, const SquareSums* squares, const Dense
         if ((i + 1) % kResumLines == 0) kernels::sum_lines(ring, height, width, sums);
         const int64_t line = i - (height - 1);  // sums now covers the patch height of query line y0 + line
         if (line < 0) continue;
-        for (int64_t r = band.line_first[line]; r < band.line_first[line + 1]; ++r) {
+        const int64_t r0 = band.line_first[line], r1 = band.line_first[line + 1];
+        if (box_whole_line(r1 - r0, width)) {  // the same sums, in the same order, for the whole line at once
+          kernels::box_line(sums, width - wide + 1, wide, boxed);
+          for (int64_t r = r0; r < r1; ++r) out[r] = boxed[band.x[r]];
+          continue;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
           const T* v = sums + band.x[r];
-          T sum = 0;
-          for (int64_t t = 0; t < wide; ++t) sum += v[t];
+          T sum = v[0];
+          for (int64_t t = 1; t < wide; ++t) sum += v[t];
           out[r] = sum;
         }
       }
@@ -393,8 +423,16 @@ void for_each_spread_line(const DenseBand& band, const T* w, int64_t stride, Spa
   T* sums = sized(ws.sums, width);
   std::fill(spread, spread + band_lines * width, T(0));
   std::fill(sums, sums + width, T(0));
+  T* points = sized(ws.line, width + wide - 1);
   for (int64_t line = 0; line < band_lines; ++line) {
-    for (int64_t r = band.line_first[line]; r < band.line_first[line + 1]; ++r) {
+    const int64_t r0 = band.line_first[line], r1 = band.line_first[line + 1];
+    if (box_whole_line(r1 - r0, width)) {  // the weights as points, then the box filter over the line
+      std::fill(points, points + width + wide - 1, T(0));
+      for (int64_t r = r0; r < r1; ++r) points[band.x[r] + wide - 1] += w[r * stride];
+      kernels::box_line(points, width, wide, spread + line * width);
+      continue;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
       T* h = spread + line * width + band.x[r];
       const T value = w[r * stride];
       for (int64_t t = 0; t < wide; ++t) h[t] += value;
