@@ -535,3 +535,97 @@ def test_folder_arguments_and_warnings(folders, caplog):
     (message,) = [r.getMessage() for r in caplog.records]
     assert message.startswith("skipping unreadable image ") and "broken.png: " in message
     assert len(message.split("broken.png: ", 1)[1]) > 5  # the decoder's reason follows
+
+
+# ----------------------------------------------------------------------------- demo set contents
+
+
+def test_demo_set_contents_follow_its_description(demo_dirs):
+    import json
+
+    import skimage.data
+
+    from metaf2n.faces.detect import square_around
+
+    faces_dir, backgrounds_dir = demo_dirs
+    manifest = json.loads((faces_dir.parent / "manifest.json").read_text())
+    box = manifest["face_boxes"]["astronaut"]
+    astronaut = skimage.data.astronaut()
+    # faces: variant 0 is a square twice the box around its centre, variant 1 its mirror image
+    top, left, side = square_around(box, astronaut.shape[:2], 2.0)
+    expected = Image.fromarray(astronaut).crop((left, top, left + side, top + side))
+    expected = np.asarray(expected.resize((256, 256), Image.Resampling.BICUBIC))
+    face0, face1 = (np.asarray(Image.open(faces_dir / f"astronaut_0{i}.png")) for i in (0, 1))
+    assert np.array_equal(face0, expected) and np.array_equal(face1, expected[:, ::-1])
+    # backgrounds: the named photos, shrunk to a short side of at most 512 with their aspect ratio kept
+    names = {p.stem for p in list_images(backgrounds_dir)}
+    assert names == {"astronaut_background", "chelsea", "coffee", "rocket", "immunohistochemistry",
+                     "hubble_deep_field", "retina", "motorcycle"}
+    for name in names - {"astronaut_background", "motorcycle"}:
+        h, w = getattr(skimage.data, name)().shape[:2]
+        factor = min(1.0, 512 / min(h, w))
+        with Image.open(backgrounds_dir / f"{name}.png") as img:
+            assert img.size == (round(w * factor), round(h * factor)), name
+    # the astronaut background is the largest band clear of 2.2 times the face box
+    top, left, side = square_around(box, astronaut.shape[:2], 2.2)
+    bands = [astronaut[:top], astronaut[top + side:], astronaut[:, :left], astronaut[:, left + side:]]
+    largest = max(bands, key=lambda b: b.size)
+    assert np.array_equal(np.asarray(Image.open(backgrounds_dir / "astronaut_background.png")), largest)
+
+
+def test_demo_set_skips_unloadable_and_grey_photos(tmp_path, monkeypatch, caplog):
+    from metaf2n.data import demo
+
+    def broken():
+        raise OSError("not in this build")
+
+    photos = {"broken": broken, "grey": lambda: np.zeros((9, 9), np.uint8),
+              "small": lambda: np.full((8, 8, 3), 7, np.uint8)}
+    monkeypatch.setattr(demo, "_bundled_photos", lambda: photos)
+    with caplog.at_level(logging.WARNING, logger="metaf2n.data.demo"):
+        _, backgrounds_dir = build_demo_set(tmp_path / "demo")
+    assert [p.name for p in list_images(backgrounds_dir)] == ["astronaut_background.png", "small.png"]
+    assert [r.getMessage() for r in caplog.records] == ["demo set: skipping skimage photo broken: not in this build"]
+    monkeypatch.setattr(demo, "detect_faces", lambda rgb: [])
+    with pytest.raises(RuntimeError, match=r"^OpenCV's Haar cascade found no face in skimage.data.astronaut\(\)$"):
+        build_demo_set(tmp_path / "noface")
+    assert list(tmp_path.iterdir()) == [tmp_path / "demo"]  # the failed build left nothing behind
+
+
+def test_sampler_takes_only_the_missing_folder_from_the_demo_set(folders, demo_dirs):
+    faces, backgrounds = folders
+    cache = demo_dirs[0].parent
+    only_faces = TaskSampler(faces_dir=faces, config=SMALL, demo_cache_dir=cache)
+    assert only_faces.faces.folder == faces and only_faces.backgrounds.folder == demo_dirs[1]
+    only_backgrounds = TaskSampler(backgrounds_dir=backgrounds, config=SMALL, demo_cache_dir=cache)
+    assert only_backgrounds.faces.folder == demo_dirs[0] and only_backgrounds.backgrounds.folder == backgrounds
+
+
+def test_the_restorer_sees_a_clamped_upsampling_and_its_output_is_cast(folders, tmp_path):
+    faces = tmp_path / "binary_faces"
+    faces.mkdir()
+    save_rgb(faces / "checks.png", (blocky_grey(64, 0, block=8) > 128) * 255)  # black and white 8-pixel squares
+    config = TaskConfig(**{**SMALL.__dict__, "degradation": IDENTITY})
+    seen = []
+
+    def restorer(x):
+        seen.append(x.clone())
+        return x.double()
+
+    batch = TaskSampler(faces, folders[1], restorer=restorer, config=config).sample(1, gen(6))
+    lr_up = torch.cat(seen)
+    assert lr_up.min() == 0 and lr_up.max() == 1  # bicubic overshoots at the black/white steps: clamped
+    assert batch.face_pseudo.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^lr_up must be a \(B, 3, H, W\) tensor, got str$"):
+        TaskSampler(*folders, restorer=restorer, config=SMALL).restorer("face")
+
+
+def test_both_edge_masks_keep_the_stride():
+    config = TaskConfig(face_patches=1, background_patches=2, face_patch_size=32, face_size=64,
+                        background_patch_size=64, background_crop_size=64, edge_threshold=5.0, edge_stride=3)
+    batch = TaskSampler(config=config).sample(1, torch.Generator().manual_seed(3))
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    on_stride = (ys - xs) % 3 == 0
+    for masks in (batch.bg_edges[0], batch.bg_edges_usm[0]):
+        for mask in masks:  # a mirrored patch keeps the stride of the unmirrored crop
+            assert mask.any() and (not (mask & ~on_stride).any() or not (mask.flip(-1) & ~on_stride).any())

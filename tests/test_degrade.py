@@ -620,3 +620,28 @@ def test_grey_poisson_noise_follows_the_luma():
     unclipped = inside & (colour + residual > 0).all(1) & (colour + residual < 1).all(1)
     assert unclipped.float().mean() > 0.3
     assert torch.allclose(residual[:, 0][unclipped], residual[:, 2][unclipped], atol=1e-6)
+
+
+def test_no_noise_means_clamping_only():
+    x = torch.linspace(-0.5, 1.5, 48).view(1, 3, 4, 4)
+    for noise in (NoiseParams(), NoiseParams("none", 5.0), NoiseParams("gaussian", 0.0), NoiseParams("poisson", 0.0)):
+        assert torch.equal(add_noise(x, noise, gen()), x.clamp(0, 1)), noise
+
+
+def test_smallest_images_and_kernel_validation():
+    assert apply_degradation(identity_params(), torch.rand(2, 3, 4, 4, generator=gen())).shape == (2, 3, 1, 1)
+    p = identity_params()
+    lr = apply_degradation(replace(p, first=replace(p.first, resize_scale=0.01)), smooth_images(1, 64))
+    assert lr.shape == (1, 3, 16, 16)  # stage 1 shrinks to one pixel (never zero), so the result is flat
+    assert torch.equal(lr, lr[..., :1, :1].expand_as(lr))
+    image = torch.rand(1, 3, 9, 9, generator=gen())
+    for kernel in (torch.ones(4, 4) / 16, torch.ones(3, 5) / 15, torch.ones(5) / 5):
+        with pytest.raises(ValueError, match=rf"^kernel must be a square odd-sized 2-D tensor, got shape "
+                                             rf"\({', '.join(map(str, kernel.shape))},?\)$"):
+            filter2d(image, kernel)
+    with pytest.raises(TypeError, match=r"^images must be a torch.Tensor, got list$"):
+        apply_degradation(p, [[0.5]])
+    with pytest.raises(ValueError, match=r"^images must have shape \(B, 3, H, W\), got \(1, 1, 8, 8\)$"):
+        apply_degradation(p, torch.rand(1, 1, 8, 8))
+    with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int$"):
+        apply_degradation(p, image, 3)
