@@ -363,7 +363,7 @@ def test_only_a_leading_module_prefix_is_stripped():
     assert sorted(state) == ["body.module.x", "decoder.x", "module.y", "modules.z"]
     with pytest.raises(ValueError, match="checkpoint must be a dict, got list"):
         extract_state_dict([t])
-    with pytest.raises(ValueError, match="holds no state dict"):
+    with pytest.raises(ValueError, match=r"^checkpoint holds no state dict \(expected 'params_ema', 'params'"):
         extract_state_dict({"params": {"a": t, "b": 3}})
 
 
@@ -376,7 +376,7 @@ def test_a_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
     torch.save({"params": state, "hook": os.getcwd}, path)
     with pytest.raises(pickle.UnpicklingError):
         load_pretrained(RRDBNet(num_feat=16, num_block=2, num_grow_ch=8), path)
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match="^model must be a torch.nn.Module, got dict$"):
         load_pretrained({}, path)
 
 
@@ -399,3 +399,20 @@ def test_smallest_discriminator_and_key_list_lengths(tmp_path):
     keys = [f"k{i:02d}" for i in range(21)]
     assert _format_keys(keys[:20]) == ", ".join(keys[:20])  # 20 keys: all listed
     assert _format_keys(keys) == ", ".join(keys[:20]) + ", ... (1 more)"
+
+
+def test_loading_is_logged_and_default_block_sizes_are_esrgans(tmp_path, caplog):
+    import logging
+
+    from metaf2n.models.rrdbnet import RRDB, ResidualDenseBlock
+
+    state = random_state(rrdbnet_published_shapes(**SMALL))
+    path = tmp_path / "ok.pth"
+    torch.save(state, path)
+    with caplog.at_level(logging.INFO, logger="metaf2n.models.checkpoint"):
+        load_pretrained(RRDBNet(num_feat=16, num_block=2, num_grow_ch=8), path)
+    assert [r.getMessage() for r in caplog.records] == [f"loaded {len(state)} tensors into RRDBNet from {path}"]
+    for block in (RRDB().rdb1, ResidualDenseBlock()):  # 64 features, growth 32
+        assert tuple(block.conv1.weight.shape) == (32, 64, 3, 3) and tuple(block.conv5.weight.shape) == (64, 192, 3, 3)
+    smallest = RRDBNet(num_in_ch=1, num_out_ch=1, num_feat=1, num_block=0, num_grow_ch=1)
+    assert smallest(torch.rand(1, 1, 2, 2)).shape == (1, 1, 8, 8)

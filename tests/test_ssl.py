@@ -445,8 +445,13 @@ def test_a_second_derivative_through_the_ssl_raises_instead_of_being_dropped(pho
         (plain,) = torch.autograd.grad(f(sr), sr)
         (first,) = torch.autograd.grad(f(sr), sr, create_graph=True)
         torch.testing.assert_close(first.detach(), plain)  # create_graph alone changes nothing
-        with pytest.raises(RuntimeError, match=f"second derivatives of {name} are not implemented"):
+        with pytest.raises(RuntimeError, match=f"second derivatives of {name} are not implemented") as info:
             (first * first).sum().backward()
+        message = str(info.value)
+        assert (f"second derivatives of {name} are not implemented: its gradient was differentiated again (a "
+                "backward with create_graph=True followed by another backward through it).") in message
+        assert message.endswith(("through it).", ("Keep the SSL out of double-backward paths, e.g. outside the inner "
+                                 "loop of a second-order meta-step.")))
 
 
 # --- README claims ----------------------------------------------------------------------------------------------
