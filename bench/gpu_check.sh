@@ -48,6 +48,7 @@ assert o.has_cuda_kernels(), 'the build has no CUDA kernels'"
 
 tests=(tests/test_cuda.py)
 [ -f tests/test_ssl.py ] && tests+=(tests/test_ssl.py)
+[ -f tests/test_dense.py ] && tests+=(tests/test_dense.py)
 step tests "$PY" -m pytest -q -rfEs --durations=15 "${tests[@]}"
 step bench "$PY" bench/bench_ssl_cuda.py --out "$RESULTS"
 

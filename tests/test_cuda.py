@@ -493,3 +493,19 @@ def test_deterministic_backward_of_an_empty_batch_with_rows():
     finally:
         torch.use_deterministic_algorithms(False)
     assert g_loss.shape == g_graph.shape == (0, 3, 32, 32)
+
+
+@needs_gpu
+def test_dense_path_is_refused_on_cuda_and_auto_runs_the_direct_kernels():
+    """The dense path has CPU kernels only: asking for it on CUDA is a clear NotImplementedError, and "auto" (the
+    default) takes the direct CUDA kernels whatever the mask density."""
+    g = torch.Generator().manual_seed(0)
+    sr = torch.rand(2, 3, 40, 40, generator=g).cuda()
+    hr = torch.rand(2, 3, 40, 40, generator=g).cuda()
+    full = torch.nonzero(torch.ones(2, 40, 40, dtype=torch.bool, device="cuda"))
+    with pytest.raises(NotImplementedError, match='path="dense" is not implemented on CUDA'):
+        ops.ssl_loss(sr, hr, full, 7, 3, 0.01, path="dense")
+    with pytest.raises(NotImplementedError, match='path="dense" is not implemented on CUDA'):
+        ops.similarity_graph(hr, full, 7, 3, 0.01, path="dense")
+    assert torch.ops.metaf2n._auto_path(hr, full, 7, 3, "image") == "direct"
+    assert torch.equal(ops.ssl_loss(sr, hr, full, 7, 3, 0.01), ops.ssl_loss(sr, hr, full, 7, 3, 0.01, path="direct"))
