@@ -629,3 +629,12 @@ def test_both_edge_masks_keep_the_stride():
     for masks in (batch.bg_edges[0], batch.bg_edges_usm[0]):
         for mask in masks:  # a mirrored patch keeps the stride of the unmirrored crop
             assert mask.any() and (not (mask & ~on_stride).any() or not (mask.flip(-1) & ~on_stride).any())
+
+
+def test_task_config_counts_are_validated_by_name():
+    for name in ("face_patches", "background_patches", "texture_tries"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an int >= 1, got 0$"):
+            TaskConfig(**{name: 0})
+    for stride in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"^edge_stride must be an int >= 1"):
+            TaskConfig(edge_stride=stride)

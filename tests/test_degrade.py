@@ -645,3 +645,13 @@ def test_smallest_images_and_kernel_validation():
         apply_degradation(p, torch.rand(1, 1, 8, 8))
     with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int$"):
         apply_degradation(p, image, 3)
+
+
+def test_pad_kernel_centres_the_kernel_in_zeros():
+    k = kernels.gaussian_kernel(3, 1.0)
+    padded = kernels.pad_kernel(k, 7)
+    assert padded.shape == (7, 7) and torch.equal(padded[2:5, 2:5], k) and padded.sum() == k.sum()
+    assert torch.equal(kernels.pad_kernel(k, 3), k)
+    for size in (1, 6):
+        with pytest.raises(ValueError, match=rf"^size must be >= 3 with an even difference, got {size}$"):
+            kernels.pad_kernel(k, size)
