@@ -104,6 +104,16 @@ def test_dense_equals_direct_on_full_masks_spanning_several_bands(padding):
     assert_paths_agree_in_float64(x, y, positions, {"search": 3, "patch": 3, "padding": padding})
 
 
+@pytest.mark.parametrize("padding", ["image", "window"])
+def test_dense_equals_direct_on_images_wider_than_a_column_tile(padding):
+    """Bands are cut into tiles of 256 columns: rows on both sides of a tile border share candidate pixels."""
+    x = smooth_random((2, 2, 40, 530), seed=13).double()
+    y = smooth_random((2, 2, 40, 530), seed=14).double()
+    border = torch.tensor([[b, yy, xx] for b in (0, 1) for yy in (0, 17, 39) for xx in (250, 255, 256, 260, 511, 512, 529)])
+    positions = torch.cat([random_positions(2, 40, 530, n=150, seed=15), border])
+    assert_paths_agree_in_float64(x, y, positions, {"search": 7, "patch": 5, "padding": padding})
+
+
 @pytest.mark.parametrize("setting", [
     {"search": 7, "patch": 5, "padding": "image"},   # reflect-pads by 5
     {"search": 7, "patch": 5, "padding": "window"},  # reflect-pads by 3

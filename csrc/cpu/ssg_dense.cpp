@@ -124,7 +124,7 @@ METAF2N_DENSE_INLINE void add_product_impl(const T* __restrict m, const T* __res
 }
 
 // The gradient of one line for one offset, every channel: query pixels a (gradient ga) and their candidates
-// b = a + shift (gradient gb = ga + shift).
+// b = a + shift (gradient gb = ga + gshift; the gradient buffer has lines of its own length).
 // kPair:  ga += m (a - b), gb -= m (a - b)      ("image": the patch term (a - b)^2)
 // kCross: ga -= m b,       gb -= m a            ("window", rectangle A: (a - b)^2 - a^2 - b^2 = -2ab)
 // kCrossAndCandidate: kCross plus gb += m b     ("window" when A is also the candidate's rectangle)
@@ -134,12 +134,12 @@ enum class Update { kPair, kCross, kCrossAndCandidate };
 
 template <Update U, typename T>
 METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift, int64_t cs, int64_t C, int64_t n,
-                                           T* ga, int64_t gcs) {
+                                           T* ga, int64_t gshift, int64_t gcs) {
   for (int64_t c = 0; c < C; ++c) {
     const T* ac = a + c * cs;
     const T* bc = ac + shift;
     T* gac = ga + c * gcs;
-    T* gbc = gac + shift;
+    T* gbc = gac + gshift;
     int64_t x = 0;
     for (; x + wide_lanes<T> <= n; x += wide_lanes<T>) {
       const Wide<T> mv = load(m + x), av = load(ac + x), bv = load(bc + x);
@@ -189,11 +189,11 @@ METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift
     add_product_impl(m, a, sign, n, g);                                                                             \
   }                                                                                                                 \
   METAF2N_DENSE_MULTIVERSION void pair_update(Update u, const T* m, const T* a, int64_t shift, int64_t cs,         \
-                                              int64_t C, int64_t n, T* ga, int64_t gcs) {                           \
+                                              int64_t C, int64_t n, T* ga, int64_t gshift, int64_t gcs) {           \
     switch (u) {                                                                                                    \
-      case Update::kPair: pair_update_impl<Update::kPair>(m, a, shift, cs, C, n, ga, gcs); break;                   \
-      case Update::kCross: pair_update_impl<Update::kCross>(m, a, shift, cs, C, n, ga, gcs); break;                 \
-      default: pair_update_impl<Update::kCrossAndCandidate>(m, a, shift, cs, C, n, ga, gcs); break;                 \
+      case Update::kPair: pair_update_impl<Update::kPair>(m, a, shift, cs, C, n, ga, gshift, gcs); break;           \
+      case Update::kCross: pair_update_impl<Update::kCross>(m, a, shift, cs, C, n, ga, gshift, gcs); break;         \
+      default: pair_update_impl<Update::kCrossAndCandidate>(m, a, shift, cs, C, n, ga, gshift, gcs); break;         \
     }                                                                                                               \
   }
 METAF2N_DENSE_KERNELS(float)
@@ -207,6 +207,7 @@ namespace {
 using namespace common;
 
 constexpr int64_t kLines = 32;         // query lines per band
+constexpr int64_t kColumns = 256;      // query columns per band: wide images are cut into tiles that stay in cache
 constexpr int64_t kBandsPerWave = 32;  // bands whose gradient buffers are alive at once
 constexpr int64_t kMaxRows = 2048;     // a band ends early, at a line boundary, once it holds this many rows
 // Running box sums are recomputed from their lines this often: each step's rounding stays in a running sum, and
@@ -235,7 +236,8 @@ Span candidate_span(int64_t o, const GraphParams& p) {
   return {std::max(-p.f(), -p.s() - o), std::min(p.f(), p.s() - o)};
 }
 
-// Rows of one image whose centres lie in lines [y0, y1): the sorted rows order[first, first + count), line by line.
+// Rows of one image whose centres lie in lines [y0, y1) and columns [xlo, xhi]: the sorted rows
+// order[first, first + count), line by line.
 struct DenseBand {
   int64_t b, y0, y1, xlo, xhi, first, count;
   std::vector<int64_t> line_first;  // rows of line y are [line_first[y - y0], line_first[y - y0 + 1]), band-relative
@@ -251,7 +253,7 @@ std::vector<DenseBand> make_bands(const int64_t* pos, const std::vector<int64_t>
     int64_t end = k;
     while (end < N) {
       const Pixel r = pixel_at(pos, order[end]);
-      if (r.b != q.b || r.y / kLines != q.y / kLines) break;
+      if (r.b != q.b || r.y / kLines != q.y / kLines || r.x / kColumns != q.x / kColumns) break;
       if (end - k >= kMaxRows && r.y != band.y1 - 1) break;
       band.y1 = r.y + 1;
       band.xlo = std::min(band.xlo, r.x);
@@ -274,9 +276,11 @@ std::vector<DenseBand> make_bands(const int64_t* pos, const std::vector<int64_t>
 std::vector<int64_t> sorted_rows(const int64_t* pos, int64_t N) {
   std::vector<int64_t> order(N);
   std::iota(order.begin(), order.end(), 0);
+  // Band by band (image, band of lines, tile of columns), then line by line.
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {
     const Pixel a = pixel_at(pos, i), b = pixel_at(pos, j);
-    return std::tie(a.b, a.y, a.x) < std::tie(b.b, b.y, b.x);
+    return std::make_tuple(a.b, a.y / kLines, a.x / kColumns, a.y, a.x) <
+           std::make_tuple(b.b, b.y / kLines, b.x / kColumns, b.y, b.x);
   });
   return order;
 }
@@ -461,10 +465,10 @@ void for_each_spread_line(const DenseBand& band, const T* w, int64_t stride, Spa
   }
 }
 
-// The gradient of one band: padded lines [ylo, ylo + lines) of image b, every column and channel.
+// The gradient of one band: padded lines [ylo, ylo + lines) and columns [xlo, xlo + width) of image b.
 template <typename T>
 struct GradBand {
-  int64_t b, ylo, lines;
+  int64_t b, ylo, lines, xlo, width;
   std::vector<T> data;
 };
 
@@ -478,28 +482,33 @@ void band_backward(const Padded<T>& img, const DenseBand& band, const GraphParam
   grad.b = band.b;
   grad.ylo = band.y0;
   grad.lines = band.y1 - band.y0 + 2 * img.pad;
-  grad.data.assign(C * grad.lines * Wp + cpu::kernels::kSlack, T(0));
-  const int64_t gcs = grad.lines * Wp;
-  auto g_at = [&](int64_t y, int64_t x) { return grad.data.data() + (y + img.pad - grad.ylo) * Wp + x + img.pad; };
+  grad.xlo = band.xlo;
+  grad.width = band.xhi - band.xlo + 1 + 2 * img.pad;
+  grad.data.assign(C * grad.lines * grad.width + cpu::kernels::kSlack, T(0));
+  const int64_t gw = grad.width, gcs = grad.lines * gw;
+  auto g_at = [&](int64_t y, int64_t x) {
+    return grad.data.data() + (y + img.pad - grad.ylo) * gw + (x + img.pad - grad.xlo);
+  };
 
   for (int64_t oy = -s; oy <= s; ++oy) {
     for (int64_t ox = -s; ox <= s; ++ox) {
       if (oy == 0 && ox == 0) continue;  // d2(p, 0) = 0 whatever the image
-      const int64_t k = (oy + s) * n + (ox + s), shift = oy * Wp + ox;
+      const int64_t k = (oy + s) * n + (ox + s), shift = oy * Wp + ox, gshift = oy * gw + ox;
       const Span ay = both_span(oy, p), ax = both_span(ox, p);
       const Span cy = window ? candidate_span(oy, p) : ay, cx = window ? candidate_span(ox, p) : ax;
       const bool same = cy == ay && cx == ax;
       const kernels::Update update =
           !window ? kernels::Update::kPair : same ? kernels::Update::kCrossAndCandidate : kernels::Update::kCross;
       for_each_spread_line(band, w + k, K, ay, ax, ws, [&](int64_t qy, int64_t qx0, int64_t width, const T* m) {
-        kernels::pair_update(update, m, img.at(band.b, qy, qx0), shift, img.cs(), C, width, g_at(qy, qx0), gcs);
+        kernels::pair_update(update, m, img.at(band.b, qy, qx0), shift, img.cs(), C, width, g_at(qy, qx0), gshift,
+                             gcs);
       });
       if (same) continue;
       // "window" with patch > search: the candidate's x^2 term has a rectangle of its own.
       for_each_spread_line(band, w + k, K, cy, cx, ws, [&](int64_t qy, int64_t qx0, int64_t width, const T* m) {
         for (int64_t c = 0; c < C; ++c) {
           const T* b = img.at(band.b, qy, qx0) + c * img.cs() + shift;
-          kernels::add_product(m, b, T(1), width, g_at(qy, qx0) + c * gcs + shift);
+          kernels::add_product(m, b, T(1), width, g_at(qy, qx0) + c * gcs + gshift);
         }
       });
     }
@@ -614,9 +623,9 @@ at::Tensor scatter_bands(const Prepared<T>& x, const Rows& rows, const GraphPara
       at::parallel_for(0, C * band.lines, 16, [&](int64_t begin, int64_t end) {
         for (int64_t cl = begin; cl < end; ++cl) {
           const int64_t c = cl / band.lines, line = cl % band.lines;
-          const T* src = band.data.data() + cl * Wp;
-          T* dst = gp + ((band.b * C + c) * Hp + band.ylo + line) * Wp;
-          for (int64_t xx = 0; xx < Wp; ++xx) dst[xx] += src[xx];
+          const T* src = band.data.data() + cl * band.width;
+          T* dst = gp + ((band.b * C + c) * Hp + band.ylo + line) * Wp + band.xlo;
+          for (int64_t xx = 0; xx < band.width; ++xx) dst[xx] += src[xx];
         }
       });
     }
