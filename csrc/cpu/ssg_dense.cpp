@@ -618,17 +618,20 @@ at::Tensor scatter_bands(const Prepared<T>& x, const Rows& rows, const GraphPara
       weights(g, wd, ws);
       band_backward(x.img, rows.bands[g], p, wd, ws, buffers[g - first]);
     });
-    for (int64_t g = first; g < last; ++g) {
-      const GradBand<T>& band = buffers[g - first];
-      at::parallel_for(0, C * band.lines, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t cl = begin; cl < end; ++cl) {
-          const int64_t c = cl / band.lines, line = cl % band.lines;
-          const T* src = band.data.data() + cl * band.width;
-          T* dst = gp + ((band.b * C + c) * Hp + band.ylo + line) * Wp + band.xlo;
-          for (int64_t xx = 0; xx < band.width; ++xx) dst[xx] += src[xx];
+    // Every gradient line adds the buffers of the bands covering it in band order: one parallel pass per wave.
+    const int64_t B = grad_padded.size(0);
+    at::parallel_for(0, B * C * Hp, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t bcy = begin; bcy < end; ++bcy) {
+        const int64_t b = bcy / (C * Hp), c = bcy / Hp % C, y = bcy % Hp;
+        T* dst = gp + bcy * Wp;
+        for (int64_t g = first; g < last; ++g) {
+          const GradBand<T>& band = buffers[g - first];
+          if (band.b != b || y < band.ylo || y >= band.ylo + band.lines) continue;
+          const T* src = band.data.data() + (c * band.lines + y - band.ylo) * band.width;
+          for (int64_t xx = 0; xx < band.width; ++xx) dst[band.xlo + xx] += src[xx];
         }
-      });
-    }
+      }
+    });
   }
   return grad_padded;
 }
