@@ -211,8 +211,8 @@ constexpr int64_t kColumns = 256;      // query columns per band: wide images ar
 constexpr int64_t kBandsPerWave = 32;  // bands whose gradient buffers are alive at once
 constexpr int64_t kMaxRows = 2048;     // a band ends early, at a line boundary, once it holds this many rows
 // Running box sums are recomputed from their lines this often: each step's rounding stays in a running sum, and
-// over a whole band it reached 1.3e-5 of a float32 row (2.4e-7 for the direct path); every 8 lines keeps it at the
-// direct path's level (bench/bench_ssl.py --accuracy).
+// over a whole band it reached 1.4e-5 of a float32 row (2e-7 for the direct path); every 8 lines keeps it below
+// 5e-7 (bench/bench_ssl.py --sweep prints both; tests/test_dense.py checks 1e-5).
 constexpr int64_t kResumLines = 8;
 
 // An inclusive range of patch displacements along one axis.
@@ -357,6 +357,12 @@ void band_distances(const Padded<T>& img, const SquareSums* squares, const Dense
   const int64_t band_lines = band.y1 - band.y0;
   const bool window = p.padding == Padding::Window;
   T* by_offset = sized(ws.by_offset, K * count);  // (K, count): one offset's distances are written together
+  const Span q = query_span(p);
+  std::vector<double> query_squares(window ? count : 0);  // "window": sum of x^2 where the query is in the window
+  for (int64_t r = 0; r < static_cast<int64_t>(query_squares.size()); ++r) {
+    const Pixel c = pixel_at(pos, order[band.first + r]);
+    query_squares[r] = squares->rect(c.b, c.y + img.pad, c.x + img.pad, q, q);
+  }
   for (int64_t oy = -s; oy <= s; ++oy) {
     const Span ay = both_span(oy, p);
     for (int64_t ox = -s; ox <= s; ++ox) {
@@ -394,11 +400,11 @@ void band_distances(const Padded<T>& img, const SquareSums* squares, const Dense
         }
       }
       if (!window) continue;
-      const Span cy = candidate_span(oy, p), cx = candidate_span(ox, p), q = query_span(p);
+      const Span cy = candidate_span(oy, p), cx = candidate_span(ox, p);
       for (int64_t r = 0; r < count; ++r) {
         const Pixel c = pixel_at(pos, order[band.first + r]);
         const int64_t py = c.y + img.pad, px = c.x + img.pad;
-        const double only = squares->rect(c.b, py, px, q, q) - squares->rect(c.b, py, px, ay, ax) +
+        const double only = query_squares[r] - squares->rect(c.b, py, px, ay, ax) +
                             squares->rect(c.b, py + oy, px + ox, cy, cx) -
                             squares->rect(c.b, py + oy, px + ox, ay, ax);
         out[r] = static_cast<T>(static_cast<double>(out[r]) + only);
