@@ -273,6 +273,7 @@ def test_demo_set_builds_offline_with_a_detected_face(demo_dirs):
         assert len(detect_faces(np.asarray(img))) >= 1
     cache = faces_dir.parent
     assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no staging directory left behind
+    check_demo_set_contents(demo_dirs)
 
 
 def test_demo_set_is_cached_and_deterministic(demo_dirs, tmp_path):
@@ -540,7 +541,9 @@ def test_folder_arguments_and_warnings(folders, caplog):
 # ----------------------------------------------------------------------------- demo set contents
 
 
-def test_demo_set_contents_follow_its_description(demo_dirs):
+def check_demo_set_contents(demo_dirs):
+    """The demo set's files against its description (called by the test that builds the set: mutmut attributes the
+    building functions to the test during which the module fixture was set up)."""
     import json
 
     import skimage.data
@@ -638,3 +641,28 @@ def test_task_config_counts_are_validated_by_name():
     for stride in (0, True, 2.0):
         with pytest.raises(ValueError, match=r"^edge_stride must be an int >= 1"):
             TaskConfig(edge_stride=stride)
+
+
+def test_a_stale_or_incomplete_demo_set_is_rebuilt(demo_dirs, tmp_path, caplog):
+    import json
+    import shutil
+
+    cache = tmp_path / "demo"
+    shutil.copytree(demo_dirs[0].parent, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert build_demo_set(cache) == (cache / "faces", cache / "backgrounds")  # a valid copy is used as it is
+    for damage in ("missing face", "missing background", "old version"):
+        if damage == "missing face":
+            (cache / manifest["faces"][-1]).unlink()
+        elif damage == "missing background":
+            (cache / manifest["backgrounds"][-1]).unlink()
+        else:
+            (cache / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="metaf2n.data.demo"):
+            build_demo_set(cache)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"built demo set at {cache}: {len(manifest['faces'])} faces, {len(manifest['backgrounds'])} backgrounds"
+        ], damage
+        assert json.loads((cache / "manifest.json").read_text()) == manifest
+        assert all((cache / f).is_file() for f in manifest["faces"] + manifest["backgrounds"])
