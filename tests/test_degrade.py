@@ -364,7 +364,7 @@ def test_default_shape_parameters_are_gaussian_and_unrotated():
 
 
 def test_choice_validates_its_weights():
-    with pytest.raises(ValueError, match="options must not be empty"):
+    with pytest.raises(ValueError, match="^options must not be empty$"):
         kernels.choice(gen(), [])
     for probs in ([1.0], [1.0, -0.5], [0.0, 0.0]):
         with pytest.raises(ValueError, match="non-negative weights with a positive sum"):
@@ -655,3 +655,35 @@ def test_pad_kernel_centres_the_kernel_in_zeros():
     for size in (1, 6):
         with pytest.raises(ValueError, match=rf"^size must be >= 3 with an even difference, got {size}$"):
             kernels.pad_kernel(k, size)
+
+
+def test_both_stages_use_their_own_kernel_type_weights():
+    draws = [sample_degradation(gen(500 + i)) for i in range(300)]
+    for stage in ("first", "second"):
+        types = [getattr(p, stage).kernel_type for p in draws if getattr(p, stage).kernel_type in kernels.KERNEL_TYPES]
+        assert 0.35 < types.count("iso") / len(types) < 0.56, stage  # weight 0.45 of 1.0 (uniform would be 1/6)
+
+
+def test_jpeg_clamps_its_input_and_accepts_quality_1():
+    images = smooth_images(1, 32, seed=6) * 1.6 - 0.3  # values below 0 and above 1
+    assert images.min() < 0 and images.max() > 1
+    assert torch.equal(jpeg_compress(images, 80), jpeg_compress(images.clamp(0, 1), 80))
+    assert jpeg_compress(images, 1).shape == images.shape
+    replace(identity_params(), first=replace(identity_params().first, jpeg_quality=1))  # quality 1 is valid
+
+
+def test_resize_and_usm_arguments():
+    from metaf2n.degrade import resize
+
+    with pytest.raises(ValueError, match=r"^mode must be one of \('area', 'bilinear', 'bicubic'\), got 'nearest'$"):
+        resize(torch.rand(1, 3, 8, 8), (4, 4), "nearest")
+    with pytest.raises(ValueError, match=r"^radius must be >= 1, got 0$"):
+        usm_sharpen(torch.rand(1, 3, 8, 8), radius=0)
+    with pytest.raises(ValueError, match=r"^img must have shape \(B, 3, H, W\)"):
+        usm_sharpen(torch.rand(1, 1, 8, 8))
+    img = smooth_images(1, 48, seed=7)
+    img[..., 20:30, 10:40] = 0.95
+    for radius in (11, 20):  # an odd radius is the blur size itself; an even one is rounded up to the next odd size
+        ours = usm_sharpen(img, radius=radius)[0].permute(1, 2, 0).numpy()
+        ref = reference_usm(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()), radius=radius)
+        assert np.abs(ours - ref).max() < 1e-4, radius

@@ -404,7 +404,8 @@ POS = torch.tensor([[0, 5, 5]])
         (lambda: ssl_loss(X, X, torch.ones(1, 40, 40, dtype=torch.bool, device="meta")), ValueError, "mask must be on"),
         (lambda: edge_mask(X, stride=0), ValueError, "stride"),
         (lambda: edge_mask(X[:, :2]), ValueError, "1 or 3 channels"),
-        (lambda: ssl_loss("image", X), TypeError, "sr must be a torch.Tensor"),
+        (lambda: ssl_loss("image", X), TypeError, "sr must be a torch.Tensor, got str"),
+        (lambda: ssl_loss(X, "image"), TypeError, "hr must be a torch.Tensor, got str"),
     ],
 )
 def test_bad_input_is_reported_by_name(call, error, words):
