@@ -9,7 +9,7 @@ from conftest import photo
 from test_ssl import random_positions, smooth_random
 
 from metaf2n import ops, reference
-from metaf2n.ssl import edge_mask, self_similarity_graph, ssl_loss
+from metaf2n.ssl import SelfSimilarityLoss, edge_mask, self_similarity_graph, ssl_loss
 
 PATHS = ("direct", "dense")
 
@@ -249,3 +249,36 @@ def test_empty_mask_on_the_dense_path(photo_pair):
     loss.backward()
     assert loss.item() == 0 and torch.count_nonzero(x.grad) == 0
     assert self_similarity_graph(hr, torch.zeros(2, 64, 64, dtype=torch.bool), path="dense").shape == (0, 625)
+
+
+def test_the_path_argument_reaches_the_op_through_every_public_function(photo_pair):
+    """In float32 the two paths add in different orders, so their last bits differ: a function that dropped its
+    path argument would return auto's result for both."""
+    sr, hr = photo_pair
+    mask = torch.ones(2, 64, 64, dtype=torch.bool)
+    positions = torch.nonzero(mask)
+    weights = torch.randn(positions.shape[0], 625, generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grad(fn):
+        x = sr.clone().requires_grad_()
+        value = fn(x)
+        value.backward()
+        return torch.cat([value.detach().flatten(), x.grad.flatten()])
+
+    calls = {
+        "ops.similarity_graph": lambda path: ops.similarity_graph(hr, positions, path=path),
+        "ops.ssl_loss": lambda path: loss_and_grad(lambda x: ops.ssl_loss(x, hr, positions, path=path)),
+        # a float32 loss is summed in double and rounded once: its bits may agree, those of a float64 one do not
+        "ops.ssl_loss (no grad)": lambda path: ops.ssl_loss(sr.double(), hr.double(), positions, path=path),
+        "self_similarity_graph": lambda path: self_similarity_graph(hr, mask, path=path),
+        "ssl_loss": lambda path: loss_and_grad(lambda x: ssl_loss(x, hr, mask, path=path)),
+        "SelfSimilarityLoss": lambda path: loss_and_grad(lambda x: SelfSimilarityLoss(path=path)(x, hr, mask)),
+        "ssl_loss_backward op": lambda path: torch.ops.metaf2n.ssl_loss_backward(
+            torch.tensor(1.0), sr, hr, positions, 25, 9, 0.004, 1000.0, 1000.0, "image", path),
+        "similarity_graph_backward op": lambda path: torch.ops.metaf2n.similarity_graph_backward(
+            weights, ops.similarity_graph(hr, positions), hr, positions, 25, 9, 0.004, "image", path),
+    }
+    for name, call in calls.items():
+        direct, dense = call("direct"), call("dense")
+        torch.testing.assert_close(dense, direct, rtol=1e-4, atol=1e-6, msg=name)
+        assert not torch.equal(dense, direct), name

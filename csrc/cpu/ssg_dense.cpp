@@ -209,7 +209,7 @@ using namespace common;
 constexpr int64_t kLines = 32;         // query lines per band
 constexpr int64_t kColumns = 256;      // query columns per band: wide images are cut into tiles that stay in cache
 constexpr int64_t kBandsPerWave = 32;  // bands whose gradient buffers are alive at once
-constexpr int64_t kMaxRows = 2048;     // a band ends early, at a line boundary, once it holds this many rows
+constexpr int64_t kMaxRows = 512;      // a band ends early, at a line boundary, once it holds this many rows (its buffers: 7 x rows x K values)
 // Running box sums are recomputed from their lines this often: each step's rounding stays in a running sum, and
 // over a whole band it reached 1.4e-5 of a float32 row (2e-7 for the direct path); every 8 lines keeps it below
 // 5e-7 (bench/bench_ssl.py --sweep prints both; tests/test_dense.py checks 1e-5).
