@@ -97,10 +97,11 @@ std::string_view view(c10::string_view s) { return std::string_view(s.data(), s.
 //  direct: N C P^2 squared differences;
 //  dense:  C + 3 per pixel of the lines its bands read (the lines holding rows, plus P - 1 per band of 32 lines,
 //          width W) and P per row (the sum over the patch width).
-// kDenseCostRatio is the time of one dense element operation over one direct one, fitted by
-// `python bench/bench_ssl.py --sweep` (fused loss forward + backward, 256^2 crop, search 25, patch 9, masks of
-// density 0.2% to 41%). Its table and the crossover plot are in the README's benchmark section.
-constexpr double kDenseCostRatio = 1.4;
+// kDenseCostRatio is the time of one dense element operation over one direct one: the work ratio where the measured
+// times cross in `python bench/bench_ssl.py --sweep` (fused loss forward + backward, 256^2 crop, search 25, patch 9,
+// masks of 1.2% to 27% of the pixels; 2026-11-30, 2-core AVX2 machine): 1.54 with 2 threads (crossing at 5.0% of
+// the pixels), 1.39 with 1 thread (4.6%). The table and the plot are in the README's benchmark section.
+constexpr double kDenseCostRatio = 1.5;
 
 bool dense_is_cheaper(const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
   const int64_t N = pos.size(0), B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
