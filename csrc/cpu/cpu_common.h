@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -19,6 +20,42 @@ namespace metaf2n::cpu {
 
 namespace kernels {
 constexpr int64_t kSlack = 16;  // spare elements after every buffer a vector read may run into (>= lanes - 1)
+
+// Vectors of lanes<T> values (GCC/Clang vector extensions; one AVX2 register: 8 floats or 4 doubles), loaded and
+// stored with memcpy so that no alignment is assumed. The direct kernels read up to lanes<T> - 1 values past the
+// end of a tile line: every buffer a tile points into has kSlack spare values at its end.
+constexpr int kVectorBytes = 32;
+template <typename T>
+constexpr int lanes = kVectorBytes / sizeof(T);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One AVX2/FMA clone and one baseline clone, picked at load time.
+#define METAF2N_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define METAF2N_MULTIVERSION
+#endif
+// The generic bodies must be inlined into each clone to be compiled for its instruction set.
+#define METAF2N_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+METAF2N_INLINE Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+METAF2N_INLINE void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 
 // One graph row from its distances: z = -d2 * scale, prob = softmax(z), logp = z - log(sum exp z).
 void log_softmax(const float* d2, int K, float scale, float* logp, float* prob);

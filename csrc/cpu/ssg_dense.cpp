@@ -30,45 +30,20 @@ namespace metaf2n::cpu::dense {
 
 namespace kernels {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define METAF2N_DENSE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define METAF2N_DENSE_MULTIVERSION
-#endif
-#define METAF2N_DENSE_INLINE inline __attribute__((always_inline))
-
-// One AVX2 register's worth (the baseline clone splits it). 64 bytes would suit the AVX-512 clone, but GCC
-// lowers them badly for AVX2: 3x slower there.
-constexpr int kWideBytes = 32;
-template <typename T>
-struct WideOf {
-  typedef T type __attribute__((vector_size(kWideBytes)));
-};
-template <typename T>
-using Wide = typename WideOf<T>::type;
-template <typename T>
-constexpr int64_t wide_lanes = kWideBytes / sizeof(T);
-
-template <typename T>
-METAF2N_DENSE_INLINE Wide<T> load(const T* p) {
-  Wide<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-METAF2N_DENSE_INLINE void store(T* p, Wide<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+using cpu::kernels::lanes;
+using cpu::kernels::load;
+using cpu::kernels::store;
+using cpu::kernels::Vec;
 
 // The running box sum moves down one line: d = sum_c (a_c - b_c)^2 enters, the line stored in `ring` leaves.
 template <typename T>
-METAF2N_DENSE_INLINE void slide_squared_differences_impl(const T* a, const T* b, int64_t cs, int64_t C, int64_t n,
+METAF2N_INLINE void slide_squared_differences_impl(const T* a, const T* b, int64_t cs, int64_t C, int64_t n,
                                                          T* ring, T* sums) {
   int64_t x = 0;
-  for (; x + wide_lanes<T> <= n; x += wide_lanes<T>) {
-    Wide<T> d = {};
+  for (; x + lanes<T> <= n; x += lanes<T>) {
+    Vec<T> d = {};
     for (int64_t c = 0; c < C; ++c) {
-      const Wide<T> e = load(a + c * cs + x) - load(b + c * cs + x);
+      const Vec<T> e = load(a + c * cs + x) - load(b + c * cs + x);
       d += e * e;
     }
     store(sums + x, load(sums + x) - load(ring + x) + d);
@@ -87,10 +62,10 @@ METAF2N_DENSE_INLINE void slide_squared_differences_impl(const T* a, const T* b,
 
 // out[x] = sum_{t < wide} in[x + t] for x < n, added in t order (as the per-row loops do).
 template <typename T>
-METAF2N_DENSE_INLINE void box_line_impl(const T* in, int64_t n, int64_t wide, T* out) {
+METAF2N_INLINE void box_line_impl(const T* in, int64_t n, int64_t wide, T* out) {
   int64_t x = 0;
-  for (; x + wide_lanes<T> <= n; x += wide_lanes<T>) {
-    Wide<T> acc = load(in + x);
+  for (; x + lanes<T> <= n; x += lanes<T>) {
+    Vec<T> acc = load(in + x);
     for (int64_t t = 1; t < wide; ++t) acc += load(in + x + t);
     store(out + x, acc);
   }
@@ -103,7 +78,7 @@ METAF2N_DENSE_INLINE void box_line_impl(const T* in, int64_t n, int64_t wide, T*
 
 // sums[x] = sum_{t < count} lines[t * n + x], added in t order.
 template <typename T>
-METAF2N_DENSE_INLINE void sum_lines_impl(const T* __restrict lines, int64_t count, int64_t n, T* __restrict sums) {
+METAF2N_INLINE void sum_lines_impl(const T* __restrict lines, int64_t count, int64_t n, T* __restrict sums) {
   for (int64_t x = 0; x < n; ++x) sums[x] = lines[x];
   for (int64_t t = 1; t < count; ++t) {
     for (int64_t x = 0; x < n; ++x) sums[x] += lines[t * n + x];
@@ -112,13 +87,13 @@ METAF2N_DENSE_INLINE void sum_lines_impl(const T* __restrict lines, int64_t coun
 
 // g[x] += sign * a[x].
 template <typename T>
-METAF2N_DENSE_INLINE void accumulate_impl(const T* __restrict a, T sign, int64_t n, T* __restrict g) {
+METAF2N_INLINE void accumulate_impl(const T* __restrict a, T sign, int64_t n, T* __restrict g) {
   for (int64_t x = 0; x < n; ++x) g[x] += sign * a[x];
 }
 
 // g[x] += sign * m[x] * a[x].
 template <typename T>
-METAF2N_DENSE_INLINE void add_product_impl(const T* __restrict m, const T* __restrict a, T sign, int64_t n,
+METAF2N_INLINE void add_product_impl(const T* __restrict m, const T* __restrict a, T sign, int64_t n,
                                            T* __restrict g) {
   for (int64_t x = 0; x < n; ++x) g[x] += sign * (m[x] * a[x]);
 }
@@ -133,7 +108,7 @@ METAF2N_DENSE_INLINE void add_product_impl(const T* __restrict m, const T* __res
 enum class Update { kPair, kCross, kCrossAndCandidate };
 
 template <Update U, typename T>
-METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift, int64_t cs, int64_t C, int64_t n,
+METAF2N_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift, int64_t cs, int64_t C, int64_t n,
                                            T* ga, int64_t gshift, int64_t gcs) {
   for (int64_t c = 0; c < C; ++c) {
     const T* ac = a + c * cs;
@@ -141,10 +116,10 @@ METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift
     T* gac = ga + c * gcs;
     T* gbc = gac + gshift;
     int64_t x = 0;
-    for (; x + wide_lanes<T> <= n; x += wide_lanes<T>) {
-      const Wide<T> mv = load(m + x), av = load(ac + x), bv = load(bc + x);
+    for (; x + lanes<T> <= n; x += lanes<T>) {
+      const Vec<T> mv = load(m + x), av = load(ac + x), bv = load(bc + x);
       if constexpr (U == Update::kPair) {
-        const Wide<T> g = mv * (av - bv);
+        const Vec<T> g = mv * (av - bv);
         store(gac + x, load(gac + x) + g);
         store(gbc + x, load(gbc + x) - g);
       } else if constexpr (U == Update::kCross) {
@@ -172,23 +147,23 @@ METAF2N_DENSE_INLINE void pair_update_impl(const T* m, const T* a, int64_t shift
 }
 
 #define METAF2N_DENSE_KERNELS(T)                                                                                    \
-  METAF2N_DENSE_MULTIVERSION void slide_squared_differences(const T* a, const T* b, int64_t cs, int64_t C,          \
+  METAF2N_MULTIVERSION void slide_squared_differences(const T* a, const T* b, int64_t cs, int64_t C,          \
                                                             int64_t n, T* ring, T* sums) {                          \
     slide_squared_differences_impl(a, b, cs, C, n, ring, sums);                                                     \
   }                                                                                                                 \
-  METAF2N_DENSE_MULTIVERSION void box_line(const T* in, int64_t n, int64_t wide, T* out) {                        \
+  METAF2N_MULTIVERSION void box_line(const T* in, int64_t n, int64_t wide, T* out) {                        \
     box_line_impl(in, n, wide, out);                                                                                \
   }                                                                                                                 \
-  METAF2N_DENSE_MULTIVERSION void sum_lines(const T* lines, int64_t count, int64_t n, T* sums) {                   \
+  METAF2N_MULTIVERSION void sum_lines(const T* lines, int64_t count, int64_t n, T* sums) {                   \
     sum_lines_impl(lines, count, n, sums);                                                                          \
   }                                                                                                                 \
-  METAF2N_DENSE_MULTIVERSION void accumulate(const T* a, T sign, int64_t n, T* g) {                                 \
+  METAF2N_MULTIVERSION void accumulate(const T* a, T sign, int64_t n, T* g) {                                 \
     accumulate_impl(a, sign, n, g);                                                                                 \
   }                                                                                                                 \
-  METAF2N_DENSE_MULTIVERSION void add_product(const T* m, const T* a, T sign, int64_t n, T* g) {                    \
+  METAF2N_MULTIVERSION void add_product(const T* m, const T* a, T sign, int64_t n, T* g) {                    \
     add_product_impl(m, a, sign, n, g);                                                                             \
   }                                                                                                                 \
-  METAF2N_DENSE_MULTIVERSION void pair_update(Update u, const T* m, const T* a, int64_t shift, int64_t cs,         \
+  METAF2N_MULTIVERSION void pair_update(Update u, const T* m, const T* a, int64_t shift, int64_t cs,         \
                                               int64_t C, int64_t n, T* ga, int64_t gshift, int64_t gcs) {           \
     switch (u) {                                                                                                    \
       case Update::kPair: pair_update_impl<Update::kPair>(m, a, shift, cs, C, n, ga, gshift, gcs); break;           \
@@ -708,22 +683,19 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
 
 namespace {
 
+// The padded gradient of the loss times `grad`; with `losses` (one per band), also the bands' loss sums.
 template <typename T>
-std::tuple<double, at::Tensor> loss_and_padded_grad(const at::Tensor& sr, const at::Tensor& hr,
-                                                    const at::Tensor& positions, const GraphParams& p,
-                                                    const LossWeights& lw, double grad) {
-  const int64_t N = positions.size(0), K = p.K(), C = sr.size(1);
-  const Rows rows = make_rows(positions);
+at::Tensor loss_padded_grad(const at::Tensor& sr, const at::Tensor& hr, const Rows& rows, const GraphParams& p,
+                            const LossWeights& lw, double grad, std::vector<double>* losses) {
+  const int64_t N = static_cast<int64_t>(rows.order.size()), K = p.K(), C = sr.size(1);
   const double mean = 1.0 / (static_cast<double>(N) * K);
   const double a = lw.kl * mean * grad * scatter_factor(p, C), b = lw.l1 * mean * grad * scatter_factor(p, C);
-  std::vector<double> losses(rows.bands.size());
   const Prepared<T> x = prepare<T>(sr, p), t = prepare<T>(hr, p);
-  at::Tensor grad_padded = scatter_bands(x, rows, p, [&](int64_t g, T* w, Workspace<T>& ws) {
+  return scatter_bands(x, rows, p, [&](int64_t g, T* w, Workspace<T>& ws) {
     const LossRows<T>& loss_rows = band_loss_rows(x, t, rows, g, p, ws);
-    losses[g] = chunk_loss(loss_rows, lw);
+    if (losses) (*losses)[g] = chunk_loss(loss_rows, lw);
     loss_weights(loss_rows, a, b, w);
   });
-  return {sum_in_order(losses) * mean, grad_padded};
 }
 
 }  // namespace
@@ -733,7 +705,7 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
   if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_dense_loss_backward_cpu", [&] {
-    grad_padded = std::get<1>(loss_and_padded_grad<scalar_t>(sr, hr, positions, p, lw, grad.item<double>()));
+    grad_padded = loss_padded_grad<scalar_t>(sr, hr, make_rows(positions), p, lw, grad.item<double>(), nullptr);
   });
   return unpad_gradient(grad_padded, sr, p.pad());
 }
@@ -742,11 +714,14 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& lw) {
   if (positions.size(0) == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
-  double loss = 0;
+  const Rows rows = make_rows(positions);
+  std::vector<double> losses(rows.bands.size());
   at::Tensor grad_padded;
   AT_DISPATCH_FLOATING_TYPES(sr.scalar_type(), "metaf2n_dense_loss_with_grad_cpu", [&] {
-    std::tie(loss, grad_padded) = loss_and_padded_grad<scalar_t>(sr, hr, positions, p, lw, 1.0);
+    grad_padded = loss_padded_grad<scalar_t>(sr, hr, rows, p, lw, 1.0, &losses);
   });
+  // Summed in band order so the result does not depend on the thread count.
+  const double loss = sum_in_order(losses) * (1.0 / (static_cast<double>(positions.size(0)) * p.K()));
   return {at::scalar_tensor(loss, sr.options()), unpad_gradient(grad_padded, sr, p.pad())};
 }
 

@@ -30,41 +30,6 @@ namespace metaf2n::cpu {
 
 namespace kernels {
 
-// Offsets are processed lanes<T> at a time in one vector (GCC/Clang vector extensions; one AVX2 register: 8 floats
-// or 4 doubles). Reads may run up to lanes<T> - 1 values past the end of a tile line, so every buffer a
-// tile points into has kSlack spare values at its end; lanes past the window are computed and discarded.
-constexpr int kVectorBytes = 32;
-template <typename T>
-constexpr int lanes = kVectorBytes / sizeof(T);
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One AVX2/FMA clone and one baseline clone, picked at load time.
-#define METAF2N_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define METAF2N_MULTIVERSION
-#endif
-// The generic bodies must be inlined into each clone to be compiled for its instruction set.
-#define METAF2N_INLINE inline __attribute__((always_inline))
-
-template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(kVectorBytes)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-
-template <typename T>
-METAF2N_INLINE Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-METAF2N_INLINE void store(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 template <typename T>
 inline int blocks(int n) { return (n + lanes<T> - 1) / lanes<T>; }
 
