@@ -39,9 +39,16 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/Context.h>
+#ifdef METAF2N_CUDA_EMULATION
+#include "cuda_emu/cuda_emu.h"  // the tests' CPU build of this file (csrc/cuda_emu/)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+// Spelled as macros so that the CPU emulator can stand in for them.
+#define METAF2N_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define METAF2N_LAUNCH(grid, block, bytes, stream, ...) __VA_ARGS__<<<grid, block, bytes, stream>>>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -291,7 +298,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
   constexpr bool kBackward = kMode == kGraphBackward || kMode == kLossBackward;
   const Geometry& g = a.g;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  METAF2N_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* tiles = smem + g.off_tiles;
   acc_t* D = smem + g.off_d;    // [slot][K]: distances, then exp(z)
@@ -781,8 +788,8 @@ void launch_rows(const RowArgs<scalar_t, acc_t>& args, int64_t blocks, cudaStrea
   if (blocks == 0) return;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "too many rows for one launch: ", args.N);
   const int64_t bytes = shared_bytes(args.g, sizeof(acc_t));  // within the limit set by rows_kernel_limits
-  rows_kernel<scalar_t, acc_t, kMode>
-      <<<static_cast<unsigned>(blocks), threads_for(args.g, kMode), bytes, stream>>>(args);
+  METAF2N_LAUNCH(static_cast<unsigned>(blocks), threads_for(args.g, kMode), bytes, stream,
+                 rows_kernel<scalar_t, acc_t, kMode>)(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -818,7 +825,7 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
   const at::Tensor keys = std::get<0>(sorted).contiguous();
   const at::Tensor order = std::get<1>(sorted).contiguous();
   at::Tensor map = at::full({B * H * W}, -1, positions.options().dtype(at::kInt));
-  first_row_kernel<<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream>>>(
+  METAF2N_LAUNCH(static_cast<unsigned>((N + 255) / 256), 256, 0, stream, first_row_kernel)(
       keys.data_ptr<int64_t>(), N, B * H * W, map.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -829,12 +836,12 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_deterministic_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t total_pad = B * C * Hp * Wp;
-    gather_kernel<scalar_t, acc_t><<<static_cast<unsigned>((total_pad + 127) / 128), 128, 0, stream>>>(
+    METAF2N_LAUNCH(static_cast<unsigned>((total_pad + 127) / 128), 128, 0, stream, gather_kernel<scalar_t, acc_t>)(
         g, x.data_ptr<scalar_t>(), w.data_ptr<acc_t>(), keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
         map.data_ptr<int>(), N, gpad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t total = B * C * H * W;
-    fold_kernel<scalar_t, acc_t><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+    METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
         g, gpad.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

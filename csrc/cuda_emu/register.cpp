@@ -1,0 +1,82 @@
+// The emulated CUDA entry points (csrc/cuda/ssg_kernel.cu run on the CPU emulator) as the operators
+// torch.ops.metaf2n_cuda_emu.*, for the tests. They take CPU tensors and already-valid arguments: the argument checks
+// of the real ops are not repeated (they run before the CUDA code and are tested there).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ssg.h"
+
+namespace {
+
+using metaf2n::GraphParams;
+using metaf2n::LossWeights;
+using metaf2n::Padding;
+
+GraphParams params(int64_t search, int64_t patch, double h, const std::string& padding) {
+  TORCH_CHECK_VALUE(padding == "image" || padding == "window", "padding must be image or window, got ", padding);
+  return GraphParams{search, patch, h, padding == "image" ? Padding::Image : Padding::Window};
+}
+
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, int64_t search, int64_t patch, double h,
+                         const std::string& padding) {
+  return metaf2n::cuda::graph_forward(image, positions, params(search, patch, h, padding));
+}
+
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, int64_t search, int64_t patch, double h,
+                          const std::string& padding) {
+  return metaf2n::cuda::graph_backward(grad_rows, rows, image, positions, params(search, patch, h, padding));
+}
+
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
+                        int64_t patch, double h, double kl, double l1, const std::string& padding) {
+  return metaf2n::cuda::loss_forward(sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+}
+
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl, double l1,
+                         const std::string& padding) {
+  return metaf2n::cuda::loss_backward(grad, sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, int64_t search, int64_t patch, double h,
+                                                  double kl, double l1, const std::string& padding) {
+  return metaf2n::cuda::loss_with_grad(sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+}
+
+std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const std::string& padding,
+                                        int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,
+                                        int64_t optin) {
+  return metaf2n::cuda::shared_memory_plan(channels, search, patch, params(search, patch, 1.0, padding), mode,
+                                           fast_grad, elem_bytes, static_bytes, optin);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(metaf2n_cuda_emu, m) {
+  m.def("graph_forward(Tensor image, Tensor positions, int search, int patch, float h, str padding) -> Tensor",
+        &graph_forward);
+  m.def("graph_backward(Tensor grad_rows, Tensor rows, Tensor image, Tensor positions, int search, int patch, "
+        "float h, str padding) -> Tensor",
+        &graph_backward);
+  m.def("loss_forward(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl, float l1, "
+        "str padding) -> Tensor",
+        &loss_forward);
+  m.def("loss_backward(Tensor grad, Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
+        "float kl, float l1, str padding) -> Tensor",
+        &loss_backward);
+  m.def("loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl, float l1, "
+        "str padding) -> (Tensor, Tensor)",
+        &loss_with_grad);
+  m.def("shared_memory_plan(int channels, int search, int patch, str padding, int mode, bool fast_grad, "
+        "int elem_bytes, int static_bytes, int optin) -> int[]",
+        &shared_memory_plan);
+}
+
+static struct PyModuleDef emu_module = {PyModuleDef_HEAD_INIT, "_C_cuda_emu", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C_cuda_emu(void) { return PyModule_Create(&emu_module); }
