@@ -1,7 +1,13 @@
 // The CPU emulator's runtime: fibers for threads, barriers, warp shuffles and launch limits (see cuda_emu.h).
-#include "cuda_emu/cuda_emu.h"
-
+//
+// A fiber starts on its own stack through makecontext/setcontext once; after that every switch is an
+// _setjmp/_longjmp pair, which (unlike swapcontext) makes no system call. glibc's checked longjmp refuses jumps
+// between stacks, hence no _FORTIFY_SOURCE here.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
+
+#include "cuda_emu/cuda_emu.h"
 
 #include <cstdlib>
 #include <memory>
@@ -24,7 +30,9 @@ constexpr unsigned char kGuard = 0xA5;
 enum class Wait { Ready, Block, Warp, Done };
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t start;  // entry on the fiber's stack, used once
+  jmp_buf resume;    // where the fiber continues
+  bool started = false;
   ThreadState state;
   Wait wait = Wait::Ready;
   uint64_t exchange[2] = {0, 0};  // double-buffered: a lane may publish its next value while others read this one
@@ -36,7 +44,7 @@ struct Run {
   std::vector<Fiber> fibers;
   std::unique_ptr<char[]> stacks;
   std::vector<unsigned char> shared;  // dynamic bytes + guard
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   int current = 0;
   const std::function<void()>* body = nullptr;
   std::string error;
@@ -67,17 +75,28 @@ Run& run() {
   return *active;
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Run& r = *active;
   (*r.body)();
-  r.fibers[r.current].wait = Wait::Done;  // uc_link returns to the scheduler
+  r.fibers[r.current].wait = Wait::Done;
+  _longjmp(r.scheduler, 1);
 }
 
 void yield(Wait why) {
   Run& r = *active;
   Fiber& f = r.fibers[r.current];
   f.wait = why;
-  swapcontext(&f.context, &r.scheduler);
+  if (_setjmp(f.resume) == 0) _longjmp(r.scheduler, 1);
+}
+
+// Runs fiber i until it yields or finishes.
+void enter(Run& r, int i) {
+  r.current = i;
+  Fiber& f = r.fibers[i];
+  if (_setjmp(r.scheduler) != 0) return;
+  if (f.started) _longjmp(f.resume, 1);
+  f.started = true;
+  setcontext(&f.start);
 }
 
 // Runs one block to completion; returns an error message or "".
@@ -87,11 +106,12 @@ std::string run_block(Run& r, bool reverse) {
     Fiber& f = r.fibers[i];
     f.wait = Wait::Ready;
     f.shuffles = 0;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = r.stacks.get() + static_cast<size_t>(i) * kStackBytes;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &r.scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    f.started = false;
+    getcontext(&f.start);
+    f.start.uc_stack.ss_sp = r.stacks.get() + static_cast<size_t>(i) * kStackBytes;
+    f.start.uc_stack.ss_size = kStackBytes;
+    f.start.uc_link = nullptr;  // fiber_main never returns
+    makecontext(&f.start, fiber_main, 0);
   }
   // Warp by warp, each as far as it can go: a warp that runs ahead of the others to the next use of a shared buffer
   // shows a missing barrier (in forward order the first warp runs ahead, in reverse order the last one).
@@ -104,8 +124,7 @@ std::string run_block(Run& r, bool reverse) {
         for (int j = w0; j < w1; ++j) {
           const int i = reverse ? w1 - 1 - (j - w0) : j;
           if (r.fibers[i].wait != Wait::Ready) continue;
-          r.current = i;
-          swapcontext(&r.scheduler, &r.fibers[i].context);
+          enter(r, i);
           if (!r.error.empty()) return r.error;
         }
         int at_warp = 0, done = 0;
@@ -157,7 +176,7 @@ uint64_t warp_exchange(uint64_t mine, int src_lane) {
   yield(Wait::Warp);
   if (src_lane < 0 || src_lane > 31 || src >= static_cast<int>(r.fibers.size())) {
     r.error = "a warp shuffle reads lane " + std::to_string(src_lane) + ", which this block does not have";
-    swapcontext(&r.fibers[self].context, &r.scheduler);  // never resumed: the launch fails
+    _longjmp(r.scheduler, 1);  // never resumed: the launch fails
   }
   return r.fibers[src].exchange[slot];
 }
