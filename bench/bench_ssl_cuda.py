@@ -164,17 +164,17 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return ops.ssl_loss(x, t, p, SEARCH, PATCH, H, 1000.0, 1000.0, "image")
 
-        def loss_fb(x=sr, t=hr, p=pos):
+        def loss_fb(x=sr, t=hr, p=pos, path="direct"):
             xx = x.detach().requires_grad_()
-            ops.ssl_loss(xx, t, p, SEARCH, PATCH, H, 1000.0, 1000.0, "image").backward()
+            ops.ssl_loss(xx, t, p, SEARCH, PATCH, H, 1000.0, 1000.0, "image", path=path).backward()
 
         def graph_fwd(x=sr, p=pos):
             with torch.no_grad():
                 return ops.similarity_graph(x, p, SEARCH, PATCH, H, "image")
 
-        def graph_fb(x=sr, p=pos, g=G):
+        def graph_fb(x=sr, p=pos, g=G, path="direct"):
             xx = x.detach().requires_grad_()
-            (ops.similarity_graph(xx, p, SEARCH, PATCH, H, "image") * g[: p.shape[0]]).sum().backward()
+            (ops.similarity_graph(xx, p, SEARCH, PATCH, H, "image", path=path) * g[: p.shape[0]]).sum().backward()
 
         def ref_loss_fb(x=sr, t=hr, p=pos):
             xx = x.detach().requires_grad_()
@@ -192,6 +192,9 @@ def main(argv=None) -> int:
         for dtype, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
             x16, t16 = sr.to(dtype), hr.to(dtype)
             row(name, "loss fwd+bwd", label, n, timed(lambda: loss_fb(x16, t16), w, r), None, 16 * D)
+        # The dense path (box filters, always deterministic); TFLOP/s on the direct count, to compare the two.
+        row(name, "loss fwd+bwd (dense)", "fp32", n, timed(lambda: loss_fb(path="dense"), w, r), None, 16 * D)
+        row(name, "graph fwd+bwd (dense)", "fp32", n, timed(lambda: graph_fb(path="dense"), w, r), None, 7 * D)
         torch.use_deterministic_algorithms(True)
         try:
             row(name, "loss fwd+bwd (deterministic)", "fp32", n, timed(loss_fb, 1, max(3, r // 2)), None, 16 * D)
@@ -221,6 +224,26 @@ def main(argv=None) -> int:
         row(name, "graph fwd+bwd vs ref" + note, "fp32", m, timed(lambda: graph_fb(p=sub), w, r), ref, 7 * Dm)
         del hr, sr, pos, G
         torch.cuda.empty_cache()
+
+    # Direct vs dense against mask density on 16 x 256^2 (the measurement an "auto" rule on CUDA needs).
+    hr = photos(256, 16, dev)
+    sr = degrade(hr)
+    lines += ["", "## Direct vs dense, loss forward + backward, 16 x 256^2, fp32", "",
+              "| threshold | stride | density | N rows | direct ms | dense ms | direct / dense |", "|---|---|---|---|---|---|---|"]
+    for threshold, stride in ((60.0, 4), (60.0, 1), (20.0, 2), (20.0, 1), (5.0, 1), (0.0, 1)):
+        pos = ssl.mask_positions(ssl.edge_mask(hr, threshold, stride), hr)
+        if pos.shape[0] == 0:
+            continue
+        ms = {}
+        for path in ("direct", "dense"):
+            def fb(path=path, pos=pos):
+                xx = sr.detach().requires_grad_()
+                ops.ssl_loss(xx, hr, pos, SEARCH, PATCH, H, 1000.0, 1000.0, "image", path=path).backward()
+            ms[path] = timed(fb, args.warmup, args.repeats)[0]
+        density = pos.shape[0] / (hr.shape[0] * hr.shape[2] * hr.shape[3])
+        lines.append(f"| {threshold:g} | {stride} | {density:.1%} | {pos.shape[0]} | {ms['direct']:.2f} | "
+                     f"{ms['dense']:.2f} | {ms['direct'] / ms['dense']:.2f} |")
+        print(lines[-1], flush=True)
 
     text = "\n".join(lines) + "\n"
     if args.out:

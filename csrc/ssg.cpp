@@ -124,15 +124,19 @@ bool dense_is_cheaper(const at::Tensor& image, const at::Tensor& pos, const Grap
   return direct > kDenseCostRatio * dense;
 }
 
-// Which implementation computes the op: "direct" (one patch loop per row), "dense" (box filters over bands of
-// lines) or "auto" (the cheaper by the work estimate above). CUDA has only the direct kernels.
+// Which implementation computes the op: "direct" (one patch loop per row), "dense" (box filters) or "auto" (on the
+// CPU the cheaper by the work estimate above). On CUDA the dense kernels exist for "image" padding only, and "auto"
+// takes the direct kernels: the dense CUDA kernels have been checked on the CPU emulator of csrc/cuda_emu/ but not
+// timed on a GPU, so there is no measured crossover to choose by.
 bool use_dense(c10::string_view path, const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
   const std::string_view name = view(path);
   TORCH_CHECK_VALUE(name == "auto" || name == "direct" || name == "dense",
                     "path must be \"auto\", \"direct\" or \"dense\", got \"", std::string(name), "\"");
   if (image.is_cuda()) {
-    TORCH_CHECK_NOT_IMPLEMENTED(name != "dense", "path=\"dense\" is not implemented on CUDA: use \"auto\" or \"direct\"");
-    return false;
+    TORCH_CHECK_NOT_IMPLEMENTED(name != "dense" || p.padding == Padding::Image,
+                                "path=\"dense\" is not implemented on CUDA for padding=\"window\": use \"auto\" or "
+                                "\"direct\"");
+    return name == "dense";
   }
   if (name == "auto") return dense_is_cheaper(image, pos, p);
   return name == "dense";
@@ -150,9 +154,9 @@ at::Tensor similarity_graph(const at::Tensor& image, const at::Tensor& positions
   check_image(image, "image", p);
   check_positions(positions, image);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
-  const bool dense = use_dense(path, image, pos, p);  // "dense" on CUDA raises here
+  const bool dense = use_dense(path, image, pos, p);
 #ifdef METAF2N_WITH_CUDA
-  if (image.is_cuda()) return cuda::graph_forward(image, pos, p);
+  if (image.is_cuda()) return (dense ? &cuda::dense::graph_forward : &cuda::graph_forward)(image, pos, p);
 #endif
   const auto forward = dense ? &cpu::dense::graph_forward : &cpu::graph_forward;
   return forward(cpu_compute_input(image), pos, p).to(image.scalar_type());
@@ -167,9 +171,11 @@ at::Tensor similarity_graph_backward(const at::Tensor& grad_rows, const at::Tens
   check_rows(grad_rows, "grad_rows", positions, p, image);
   check_rows(rows, "rows", positions, p, image);
   const at::Tensor pos = positions.to(at::kLong).contiguous();
-  const bool dense = use_dense(path, image, pos, p);  // "dense" on CUDA raises here
+  const bool dense = use_dense(path, image, pos, p);
 #ifdef METAF2N_WITH_CUDA
-  if (image.is_cuda()) return cuda::graph_backward(grad_rows, rows, image, pos, p);
+  if (image.is_cuda()) {
+    return (dense ? &cuda::dense::graph_backward : &cuda::graph_backward)(grad_rows, rows, image, pos, p);
+  }
 #endif
   const at::Tensor x = cpu_compute_input(image);
   const auto backward = dense ? &cpu::dense::graph_backward : &cpu::graph_backward;
@@ -197,9 +203,9 @@ at::Tensor ssl_loss(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor
                     int64_t patch, double h, double kl_weight, double l1_weight, c10::string_view padding,
                     c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
-  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
+  const bool dense = use_dense(path, sr, pos, p);
 #ifdef METAF2N_WITH_CUDA
-  if (sr.is_cuda()) return cuda::loss_forward(sr, hr, pos, p, w);
+  if (sr.is_cuda()) return (dense ? &cuda::dense::loss_forward : &cuda::loss_forward)(sr, hr, pos, p, w);
 #endif
   const auto forward = dense ? &cpu::dense::loss_forward : &cpu::loss_forward;
   return forward(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w).to(sr.scalar_type());
@@ -209,12 +215,12 @@ at::Tensor ssl_loss_backward(const at::Tensor& grad, const at::Tensor& sr, const
                              const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl_weight,
                              double l1_weight, c10::string_view padding, c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
-  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
+  const bool dense = use_dense(path, sr, pos, p);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must be a scalar, got shape ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == sr.device(), "grad must be on sr's device ", sr.device(), ", got ",
                     grad.device());
 #ifdef METAF2N_WITH_CUDA
-  if (sr.is_cuda()) return cuda::loss_backward(grad, sr, hr, pos, p, w);
+  if (sr.is_cuda()) return (dense ? &cuda::dense::loss_backward : &cuda::loss_backward)(grad, sr, hr, pos, p, w);
 #endif
   const at::Tensor x = cpu_compute_input(sr);
   const auto backward = dense ? &cpu::dense::loss_backward : &cpu::loss_backward;
@@ -227,9 +233,9 @@ std::tuple<at::Tensor, at::Tensor> ssl_loss_with_grad(const at::Tensor& sr, cons
                                                       double h, double kl_weight, double l1_weight,
                                                       c10::string_view padding, c10::string_view path) {
   const auto [p, w, pos] = check_loss_args(sr, hr, positions, search, patch, h, kl_weight, l1_weight, padding);
-  const bool dense = use_dense(path, sr, pos, p);  // "dense" on CUDA raises here
+  const bool dense = use_dense(path, sr, pos, p);
 #ifdef METAF2N_WITH_CUDA
-  if (sr.is_cuda()) return cuda::loss_with_grad(sr, hr, pos, p, w);
+  if (sr.is_cuda()) return (dense ? &cuda::dense::loss_with_grad : &cuda::loss_with_grad)(sr, hr, pos, p, w);
 #endif
   const auto fused = dense ? &cpu::dense::loss_with_grad : &cpu::loss_with_grad;
   auto [loss, grad] = fused(cpu_compute_input(sr), cpu_compute_input(hr), pos, p, w);

@@ -496,16 +496,64 @@ def test_deterministic_backward_of_an_empty_batch_with_rows():
 
 
 @needs_gpu
-def test_dense_path_is_refused_on_cuda_and_auto_runs_the_direct_kernels():
-    """The dense path has CPU kernels only: asking for it on CUDA is a clear NotImplementedError, and "auto" (the
-    default) takes the direct CUDA kernels whatever the mask density."""
+def test_dense_path_on_cuda_refuses_window_padding_and_auto_runs_the_direct_kernels():
+    """The dense CUDA kernels cover "image" padding; "auto" (the default) takes the direct kernels on CUDA whatever
+    the mask density, as no crossover has been measured on a GPU yet."""
     g = torch.Generator().manual_seed(0)
     sr = torch.rand(2, 3, 40, 40, generator=g).cuda()
     hr = torch.rand(2, 3, 40, 40, generator=g).cuda()
     full = torch.nonzero(torch.ones(2, 40, 40, dtype=torch.bool, device="cuda"))
-    with pytest.raises(NotImplementedError, match='path="dense" is not implemented on CUDA'):
-        ops.ssl_loss(sr, hr, full, 7, 3, 0.01, path="dense")
-    with pytest.raises(NotImplementedError, match='path="dense" is not implemented on CUDA'):
-        ops.similarity_graph(hr, full, 7, 3, 0.01, path="dense")
+    with pytest.raises(NotImplementedError, match='padding="window"'):
+        ops.ssl_loss(sr, hr, full, 7, 3, 0.01, padding="window", path="dense")
+    with pytest.raises(NotImplementedError, match='padding="window"'):
+        ops.similarity_graph(hr, full, 7, 3, 0.01, "window", path="dense")
     assert torch.ops.metaf2n._auto_path(hr, full, 7, 3, "image") == "direct"
     assert torch.equal(ops.ssl_loss(sr, hr, full, 7, 3, 0.01), ops.ssl_loss(sr, hr, full, 7, 3, 0.01, path="direct"))
+
+
+DENSE_CONFIGS = [c for c in CONFIGS if c[3] == "image"] + [(3, 1, 0.05, "image"), (5, 7, 0.05, "image")]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}")
+def test_dense_parity(config, dtype):
+    """path="dense" on CUDA against the float64 CPU op: graph rows and gradient, loss and gradient (both autograd
+    routes), with duplicated rows and an image whose side is not a multiple of the 16-pixel tile."""
+    search, patch, h, padding = config
+    hr = torch.cat([_photo(2, 45, seed=41), _blurred_noise((1, 3, 45, 45), seed=42)])
+    sr = _degrade(hr)
+    pos = _positions(hr, limit=60)
+    pos = torch.cat([pos, pos[:3]])
+    img, sr_q = hr.to(dtype), sr.to(dtype)
+    grad_rows = torch.randn(pos.shape[0], search * search, generator=torch.Generator().manual_seed(43))
+    rows_ref, _ = _cpu_graph(img, pos, search, patch, h, padding, grad_rows)
+    _, g_ref = _cpu_graph(img, pos, search, patch, h, padding, grad_rows.to(dtype))
+    x = _cuda(img).requires_grad_()
+    rows = ops.similarity_graph(x, _cuda(pos), search, patch, h, padding, path="dense")
+    torch.testing.assert_close(rows.double().cpu(), rows_ref, rtol=0, atol=TOL[dtype]["rows"])
+    (g,) = torch.autograd.grad(rows, x, _cuda(grad_rows, dtype))
+    assert _grad_err(g, g_ref) < TOL[dtype]["grad"]
+    loss_ref, lg_ref = _cpu_loss(sr_q, img, pos, search, patch, h, padding)
+    for fn in (torch.ops.metaf2n.ssl_loss, ops.ssl_loss):
+        x = _cuda(sr_q).requires_grad_()
+        loss = fn(x, _cuda(img), _cuda(pos), search, patch, h, 1000.0, 1000.0, padding, path="dense")
+        torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=TOL[dtype]["loss"], atol=0)
+        (g,) = torch.autograd.grad(loss, x)
+        assert _grad_err(g, lg_ref) < TOL[dtype]["grad"]
+
+
+@needs_gpu
+def test_dense_is_deterministic_and_matches_direct_at_16x256():
+    """The training-size batch: dense equals direct to float32 rounding, and two dense runs are bitwise equal."""
+    hr = _cuda(_photo(16, 256, seed=44), torch.float32)
+    sr = _degrade(hr)
+    pos = ssl.mask_positions(ssl.edge_mask(hr), hr)
+    runs = []
+    for path in ("dense", "dense", "direct"):
+        x = sr.clone().requires_grad_()
+        loss = ops.ssl_loss(x, hr, pos, 25, 9, 0.004, 1000.0, 1000.0, "image", path=path)
+        runs.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[0][0], runs[2][0], rtol=1e-5, atol=0)
+    assert _grad_err(runs[0][1], runs[2][1].double().cpu()) < 2e-4

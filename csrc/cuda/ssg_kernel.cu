@@ -23,6 +23,10 @@
 //     thread per padded-image element gathers the terms of every row whose tile covers it in a fixed order, and
 //     a fold kernel adds each pixel's <= 9 reflected sources in a fixed order.
 //
+//   * Dense path (path="dense", "image" padding only): distances by box filters over image tiles into an (N, K)
+//     buffer that rows_kernel reads instead of computing them, and a deterministic gather backward (see "Dense path"
+//     below). Checked on the CPU emulator (csrc/cuda_emu/), not yet timed on a GPU.
+//
 // Positions are not range-checked on the device (that would need a host sync): a row whose (b, y, x) lies outside
 // the batch reads nothing, its graph row is NaN, its loss term is NaN (so the loss is NaN), and it contributes no
 // gradient.
@@ -32,6 +36,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
@@ -53,9 +58,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 namespace metaf2n::cuda {
@@ -116,6 +121,8 @@ struct RowArgs {
   const acc_t* grad;          // loss backward: the incoming scalar gradient (device); nullptr means 1
   acc_t* gacc;                // fast backward: gradient of the image (B, C, H, W)
   acc_t* wout;                // deterministic loss backward: weights (N, K)
+  const acc_t* dist[2];       // dense path: distances (rows by first sorted index, K) of img0 and img1, else nullptr
+  const int* dist_row;        // dense path: each row's line in dist (-1 for a row outside the batch)
   acc_t zc;                   // -1 / (h C P^2)
   acc_t factor;               // -2 / (h C P^2): dL/dz -> coefficient of (x_query - x_candidate)
   acc_t kl, l1, inv_nk;
@@ -335,7 +342,15 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const RowArgs<scalar_
   __syncthreads();
 
   // ---- distances -------------------------------------------------------------------------------------------
-  if constexpr (kDistances) {
+  if (kDistances && a.dist[0] != nullptr) {  // computed by the dense path's box filters
+    for (int i = tid; i < g.nslots * K; i += nthreads) {
+      const int slot = i / K;
+      if (!slots[slot].valid) continue;
+      const acc_t* src = a.dist[kGraph ? 0 : slot];
+      D[i] = src[static_cast<int64_t>(a.dist_row[slots[slot].row]) * K + i % K];
+    }
+    __syncthreads();
+  } else if constexpr (kDistances) {
     const int items = g.nslots * g.chunks * g.n;
     for (int c0 = 0; c0 < g.C; c0 += g.cg) {
       const int cgn = min(g.cg, g.C - c0);
@@ -577,6 +592,14 @@ __global__ void first_row_kernel(const int64_t* __restrict__ keys, int64_t N, in
   if (key < total && (i == 0 || keys[i - 1] != key)) map[key] = static_cast<int>(i);
 }
 
+// line[order[i]] = map[keys[i]]: the line of dist that holds row order[i]'s distances (-1 outside the batch).
+__global__ void dist_line_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ order,
+                                 const int* __restrict__ map, int64_t N, int64_t total, int* __restrict__ line) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  line[order[i]] = keys[i] < total ? map[keys[i]] : -1;
+}
+
 // Gradient of every element of the padded image (B, C, H + 2 pad, W + 2 pad), each a fixed-order sum over the rows
 // whose tile covers it (rows at one pixel in sorted order).
 template <typename scalar_t, typename acc_t>
@@ -659,6 +682,203 @@ __global__ void fold_kernel(const Geometry g, const acc_t* __restrict__ gpad, sc
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Dense path ("image" padding): distances by box filters over tiles of the image, and a gather backward.
+//
+//   * Distances. A block takes a kTile x kTile tile of one image (skipped when no row lies in it) and a chunk of
+//     offsets. Per offset o it forms E(q) = sum_c (x_c(q) - x_c(q + o))^2 on the tile plus the patch radius, sums it
+//     along lines over the patch width, then down the columns over the patch height at the tile's rows only, and
+//     writes the distance to line map[pixel] of `dist` (N, K): rows at one pixel share the line of the first.
+//   * Gradient. The weights w (N, K) of rows at one pixel are first added up in row order (combine_kernel). A block
+//     then owns a kTile x kTile tile of the padded image and loops over every offset in order; for each it box-sums
+//     the weight plane W_o around the tile (S_o(u), u as a query pixel) and around the tile shifted by -o (S_o(u - o),
+//     u as a candidate) and adds S_o(u) (x(u) - x(u + o)) + S_o(u - o) (x(u) - x(u - o)). Every padded pixel is
+//     written once, by one thread, in a fixed order: the result is deterministic; fold_kernel folds the padding.
+
+constexpr int kTile = 16;
+constexpr int kDenseThreads = 256;
+
+// Writes 1 to *any when a row lies in image rows [y0, y1) x columns [x0, x1) of image b (clipped to the image).
+__device__ __forceinline__ void any_row(const Geometry& g, const int* __restrict__ map, int b, int y0, int y1, int x0,
+                                        int x1, int* any) {
+  y0 = max(y0, 0), x0 = max(x0, 0), y1 = min(y1, g.H), x1 = min(x1, g.W);
+  const int w = x1 - x0;
+  if (w <= 0 || y1 <= y0) return;
+  for (int i = threadIdx.x; i < (y1 - y0) * w; i += blockDim.x) {
+    if (map[(static_cast<int64_t>(b) * g.H + y0 + i / w) * g.W + x0 + i % w] >= 0) *any = 1;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kDenseThreads)
+    dense_distance_kernel(const Geometry g, const scalar_t* __restrict__ img, const int* __restrict__ map,
+                          int tiles_x, int offsets_per_block, acc_t* __restrict__ dist) {
+  METAF2N_DYNAMIC_SHARED(smem_raw);
+  const int E = kTile + 2 * g.f;                       // side of the squared-difference region
+  acc_t* e = reinterpret_cast<acc_t*>(smem_raw);       // [E][E]
+  acc_t* hsum = e + E * E;                             // [E][kTile]: sums along lines over the patch width
+  int* line = reinterpret_cast<int*>(hsum + E * kTile);  // [kTile * kTile]: dist line of each tile pixel, or -1
+  __shared__ int any;
+
+  const int b = blockIdx.y, tid = threadIdx.x, nthreads = blockDim.x;
+  const int y0 = (blockIdx.x / tiles_x) * kTile, x0 = (blockIdx.x % tiles_x) * kTile;
+  if (tid == 0) any = 0;
+  __syncthreads();
+  for (int i = tid; i < kTile * kTile; i += nthreads) {
+    const int y = y0 + i / kTile, x = x0 + i % kTile;
+    const int j = (y < g.H && x < g.W) ? map[(static_cast<int64_t>(b) * g.H + y) * g.W + x] : -1;
+    line[i] = j;
+    if (j >= 0) any = 1;
+  }
+  __syncthreads();
+  if (!any) return;
+
+  const int64_t plane = static_cast<int64_t>(g.H) * g.W;
+  const scalar_t* xb = img + static_cast<int64_t>(b) * g.C * plane;
+  const int k_end = min(g.K, (static_cast<int>(blockIdx.z) + 1) * offsets_per_block);
+  for (int k = blockIdx.z * offsets_per_block; k < k_end; ++k) {
+    const int oy = k / g.n - g.s, ox = k % g.n - g.s;
+    for (int i = tid; i < E * E; i += nthreads) {
+      const int qy = y0 - g.f + i / E, qx = x0 - g.f + i % E;
+      acc_t sum = 0;
+      if (qy < g.H + g.f && qx < g.W + g.f) {  // past that only a partial tile's missing pixels would read it
+        const int64_t q = static_cast<int64_t>(reflect(qy, g.H)) * g.W + reflect(qx, g.W);
+        const int64_t c = static_cast<int64_t>(reflect(qy + oy, g.H)) * g.W + reflect(qx + ox, g.W);
+        for (int ch = 0; ch < g.C; ++ch) {
+          const acc_t d = static_cast<acc_t>(xb[ch * plane + q]) - static_cast<acc_t>(xb[ch * plane + c]);
+          sum += d * d;
+        }
+      }
+      e[i] = sum;
+    }
+    __syncthreads();
+    for (int i = tid; i < E * kTile; i += nthreads) {
+      const acc_t* src = e + (i / kTile) * E + i % kTile;
+      acc_t sum = 0;
+      for (int dx = 0; dx < g.P; ++dx) sum += src[dx];
+      hsum[i] = sum;
+    }
+    __syncthreads();
+    for (int i = tid; i < kTile * kTile; i += nthreads) {
+      if (line[i] < 0) continue;
+      const acc_t* src = hsum + (i / kTile) * kTile + i % kTile;
+      acc_t sum = 0;
+      for (int dy = 0; dy < g.P; ++dy) sum += src[dy * kTile];
+      dist[static_cast<int64_t>(line[i]) * g.K + k] = sum;
+    }
+    // No barrier needed here: the next offset writes e first, which nothing reads after the barrier above.
+  }
+}
+
+// wsum[j] = sum of w[order[i]] over the sorted rows i = j, j + 1, ... at the pixel of keys[j], for the first row j
+// of each pixel inside the batch (lines of other rows are left alone).
+template <typename acc_t>
+__global__ void combine_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ order, int64_t N,
+                               int64_t total, int K, const acc_t* __restrict__ w, acc_t* __restrict__ wsum) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * K) return;
+  const int64_t j = idx / K;
+  const int k = static_cast<int>(idx % K);
+  const int64_t key = keys[j];
+  if (key >= total || (j > 0 && keys[j - 1] == key)) return;
+  acc_t sum = 0;
+  for (int64_t i = j; i < N && keys[i] == key; ++i) sum += w[order[i] * K + k];
+  wsum[j * K + k] = sum;
+}
+
+// Loads the weight plane of offset k on image rows [y0, y0 + E) x columns [x0, x0 + E) (zero off the image or
+// without a row) and sums it along lines over the patch width into hsum [E][kTile].
+template <typename acc_t>
+__device__ __forceinline__ void weight_lines(const Geometry& g, const int* __restrict__ map_b,
+                                             const acc_t* __restrict__ wsum, int k, int y0, int x0, acc_t* plane,
+                                             acc_t* hsum) {
+  const int E = kTile + 2 * g.f;
+  for (int i = threadIdx.x; i < E * E; i += blockDim.x) {
+    const int y = y0 + i / E, x = x0 + i % E;
+    acc_t v = 0;
+    if (y >= 0 && y < g.H && x >= 0 && x < g.W) {
+      const int j = map_b[static_cast<int64_t>(y) * g.W + x];
+      if (j >= 0) v = wsum[static_cast<int64_t>(j) * g.K + k];
+    }
+    plane[i] = v;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < E * kTile; i += blockDim.x) {
+    const acc_t* src = plane + (i / kTile) * E + i % kTile;
+    acc_t sum = 0;
+    for (int dx = 0; dx < g.P; ++dx) sum += src[dx];
+    hsum[i] = sum;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kDenseThreads)
+    dense_gradient_kernel(const Geometry g, const scalar_t* __restrict__ img, const int* __restrict__ map,
+                          const acc_t* __restrict__ wsum, int tiles_x, acc_t* __restrict__ gpad) {
+  METAF2N_DYNAMIC_SHARED(smem_raw);
+  const int E = kTile + 2 * g.f;
+  acc_t* plane = reinterpret_cast<acc_t*>(smem_raw);  // [E][E]
+  acc_t* hq = plane + E * E;                          // [E][kTile]: around the tile (query role)
+  acc_t* hc = hq + E * kTile;                         // [E][kTile]: around the tile shifted by -o (candidate role)
+  acc_t* acc = hc + E * kTile;                        // [C][kTile * kTile]: the tile's gradient
+  __shared__ int any;
+
+  const int b = blockIdx.y, tid = threadIdx.x, nthreads = blockDim.x;
+  const int Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+  // Tile origin in image coordinates (padded pixel u = image pixel u - pad).
+  const int y0 = (blockIdx.x / tiles_x) * kTile - g.pad, x0 = (blockIdx.x % tiles_x) * kTile - g.pad;
+  if (tid == 0) any = 0;
+  for (int i = tid; i < g.C * kTile * kTile; i += nthreads) acc[i] = 0;
+  __syncthreads();
+  any_row(g, map, b, y0 - g.R, y0 + kTile + g.R, x0 - g.R, x0 + kTile + g.R, &any);  // rows that reach the tile
+  __syncthreads();
+  if (!any) {
+    for (int i = tid; i < g.C * kTile * kTile; i += nthreads) {
+      const int c = i / (kTile * kTile), t = i % (kTile * kTile);
+      const int uy = y0 + g.pad + t / kTile, ux = x0 + g.pad + t % kTile;
+      if (uy < Hp && ux < Wp) gpad[((static_cast<int64_t>(b) * g.C + c) * Hp + uy) * Wp + ux] = 0;
+    }
+    return;
+  }
+
+  const int64_t plane_size = static_cast<int64_t>(g.H) * g.W;
+  const scalar_t* xb = img + static_cast<int64_t>(b) * g.C * plane_size;
+  const int* map_b = map + static_cast<int64_t>(b) * plane_size;
+  const auto value = [&](int c, int y, int x) {  // image value at a (reflected) position
+    return static_cast<acc_t>(xb[c * plane_size + static_cast<int64_t>(reflect(y, g.H)) * g.W + reflect(x, g.W)]);
+  };
+  for (int k = 0; k < g.K; ++k) {
+    const int oy = k / g.n - g.s, ox = k % g.n - g.s;
+    weight_lines(g, map_b, wsum, k, y0 - g.f, x0 - g.f, plane, hq);
+    __syncthreads();
+    weight_lines(g, map_b, wsum, k, y0 - oy - g.f, x0 - ox - g.f, plane, hc);
+    __syncthreads();
+    for (int t = tid; t < kTile * kTile; t += nthreads) {
+      const int ty = t / kTile, tx = t % kTile;
+      acc_t sq = 0, sc = 0;
+      for (int dy = 0; dy < g.P; ++dy) {
+        sq += hq[(ty + dy) * kTile + tx];
+        sc += hc[(ty + dy) * kTile + tx];
+      }
+      // A non-zero sum means a row within the patch radius, so every position read below is within the padding.
+      const int y = y0 + ty, x = x0 + tx;
+      if (sq != acc_t(0)) {
+        for (int c = 0; c < g.C; ++c) acc[c * kTile * kTile + t] += sq * (value(c, y, x) - value(c, y + oy, x + ox));
+      }
+      if (sc != acc_t(0)) {
+        for (int c = 0; c < g.C; ++c) acc[c * kTile * kTile + t] += sc * (value(c, y, x) - value(c, y - oy, x - ox));
+      }
+    }
+    // No barrier needed here: the next offset's weight_lines writes `plane`, then waits for every thread before
+    // writing hq. Each thread adds to the same pixels of acc at every offset.
+  }
+  for (int i = tid; i < g.C * kTile * kTile; i += nthreads) {
+    const int c = i / (kTile * kTile), t = i % (kTile * kTile);
+    const int uy = y0 + g.pad + t / kTile, ux = x0 + g.pad + t % kTile;
+    if (uy < Hp && ux < Wp) gpad[((static_cast<int64_t>(b) * g.C + c) * Hp + uy) * Wp + ux] = acc[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Host side.
 
 // A kernel's static shared memory and the device's per-block opt-in limit (static + dynamic must fit it).
@@ -698,8 +918,9 @@ Geometry base_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphPa
 // Shared-memory layout and channel group size of a rows_kernel launch (host only, no CUDA call: tested on the CPU
 // through metaf2n::_cuda_shared_memory_plan). A block's static shared memory counts against the same per-block limit as
 // the dynamic part: dynamic + static must fit `limits.optin`.
+// The dense path reads its distances from global memory and stages no tiles (stage_tiles = false).
 Geometry plan_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphParams& p, int mode, bool fast_grad,
-                       size_t elem, const SharedLimits& limits, const char* dtype_name) {
+                       bool stage_tiles, size_t elem, const SharedLimits& limits, const char* dtype_name) {
   Geometry g = base_geometry(B, C, H, W, p);
   g.chunks = ceil_div(g.n, kM);
   g.chunks_c = ceil_div(g.side, kM);
@@ -721,7 +942,7 @@ Geometry plan_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const GraphPa
   auto layout = [&](int cg) {  // bytes of dynamic shared memory with cg channels staged at once
     int64_t off = 0;
     g.off_tiles = off;
-    off += round_up(g.nslots * cg * side_lines, 2);
+    if (stage_tiles) off += round_up(g.nslots * cg * side_lines, 2);
     g.off_d = off;
     if (mode != kGraphBackward) off += round_up(static_cast<int64_t>(g.nslots) * g.K, 2);
     g.off_wp = off;
@@ -756,30 +977,30 @@ int threads_for(const Geometry& g, int mode) {
   return static_cast<int>(std::clamp<int64_t>(round_up(items, 32), 64, kMaxThreads));
 }
 
-// Static shared memory of a rows_kernel instantiation and the opt-in limit of `device`; the kernel's maximum
-// dynamic shared memory is raised to what the device allows once per (device, kernel), under a lock, so that
-// concurrent host threads never race on the attribute.
-template <typename scalar_t, typename acc_t, int kMode>
-SharedLimits rows_kernel_limits(int device) {
+// Static shared memory of a kernel and the opt-in limit of `device`; the kernel's maximum dynamic shared memory is
+// raised to what the device allows once per (device, kernel), under a lock, so that concurrent host threads never
+// race on the attribute.
+template <typename... Params>
+SharedLimits kernel_limits(void (*kernel)(Params...), int device) {
   static std::mutex mutex;
-  static std::unordered_map<int, SharedLimits> ready;
+  static std::map<std::pair<const void*, int>, SharedLimits> ready;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = ready.find(device);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  const auto found = ready.find(key);
   if (found != ready.end()) return found->second;
-  auto kernel = rows_kernel<scalar_t, acc_t, kMode>;
   cudaFuncAttributes attributes{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   SharedLimits limits{static_cast<int64_t>(attributes.sharedSizeBytes), max_shared_optin(device)};
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(limits.optin - limits.static_bytes)));
-  ready.emplace(device, limits);
+  ready.emplace(key, limits);
   return limits;
 }
 
 template <typename scalar_t, typename acc_t, int kMode>
-Geometry make_geometry(const at::Tensor& image, const GraphParams& p, bool fast_grad) {
-  const SharedLimits limits = rows_kernel_limits<scalar_t, acc_t, kMode>(image.get_device());
-  return plan_geometry(image.size(0), image.size(1), image.size(2), image.size(3), p, kMode, fast_grad,
+Geometry make_geometry(const at::Tensor& image, const GraphParams& p, bool fast_grad, bool stage_tiles = true) {
+  const SharedLimits limits = kernel_limits(rows_kernel<scalar_t, acc_t, kMode>, image.get_device());
+  return plan_geometry(image.size(0), image.size(1), image.size(2), image.size(3), p, kMode, fast_grad, stage_tiles,
                        sizeof(acc_t), limits, c10::toString(image.scalar_type()));
 }
 
@@ -787,7 +1008,7 @@ template <typename scalar_t, typename acc_t, int kMode>
 void launch_rows(const RowArgs<scalar_t, acc_t>& args, int64_t blocks, cudaStream_t stream) {
   if (blocks == 0) return;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "too many rows for one launch: ", args.N);
-  const int64_t bytes = shared_bytes(args.g, sizeof(acc_t));  // within the limit set by rows_kernel_limits
+  const int64_t bytes = shared_bytes(args.g, sizeof(acc_t));  // within the limit set by kernel_limits
   METAF2N_LAUNCH(static_cast<unsigned>(blocks), threads_for(args.g, kMode), bytes, stream,
                  rows_kernel<scalar_t, acc_t, kMode>)(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -807,6 +1028,31 @@ RowArgs<scalar_t, acc_t> base_args(const Geometry& g, const at::Tensor& position
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Rows sorted by pixel: keys (the pixel b H W + y W + x, or B H W for a row outside the batch), order (the rows in
+// that order, stable) and map (B H W): the sorted index of the first row at each pixel, -1 without one.
+struct RowIndex {
+  at::Tensor keys, order, map;
+};
+
+RowIndex index_rows(const at::Tensor& positions, int64_t B, int64_t H, int64_t W, cudaStream_t stream) {
+  const int64_t N = positions.size(0);
+  TORCH_CHECK(N <= std::numeric_limits<int>::max() && B * H * W <= std::numeric_limits<int>::max(),
+              "deterministic and dense SSL supports at most 2^31 rows and pixels");
+  const at::Tensor b = positions.select(1, 0), y = positions.select(1, 1), xx = positions.select(1, 2);
+  const at::Tensor valid = b.ge(0).logical_and_(b.lt(B)).logical_and_(y.ge(0)).logical_and_(y.lt(H))
+                               .logical_and_(xx.ge(0)).logical_and_(xx.lt(W));
+  const at::Tensor key = at::where(valid, b.mul(H).add_(y).mul_(W).add_(xx), at::full({}, B * H * W, positions.options()));
+  const auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  RowIndex index{std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(),
+                 at::full({B * H * W}, -1, positions.options().dtype(at::kInt))};
+  if (N > 0) {
+    METAF2N_LAUNCH(static_cast<unsigned>((N + 255) / 256), 256, 0, stream, first_row_kernel)(
+        index.keys.data_ptr<int64_t>(), N, B * H * W, index.map.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return index;
+}
+
 // Deterministic image gradient from the weights w (N, K) of every row.
 at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& w,
                                   const GraphParams& p, cudaStream_t stream) {
@@ -815,19 +1061,8 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
   // No pixel to receive a gradient (B = 0 with rows left, whose positions are all out of range): zero-block grids
   // would fail to launch.
   if (x.numel() == 0) return at::zeros_like(x, at::MemoryFormat::Contiguous);
-  TORCH_CHECK(N <= std::numeric_limits<int>::max() && B * H * W <= std::numeric_limits<int>::max(),
-              "deterministic SSL backward supports at most 2^31 rows and pixels");
-  const at::Tensor b = positions.select(1, 0), y = positions.select(1, 1), xx = positions.select(1, 2);
-  const at::Tensor valid = b.ge(0).logical_and_(b.lt(B)).logical_and_(y.ge(0)).logical_and_(y.lt(H))
-                               .logical_and_(xx.ge(0)).logical_and_(xx.lt(W));
-  const at::Tensor key = at::where(valid, b.mul(H).add_(y).mul_(W).add_(xx), at::full({}, B * H * W, positions.options()));
-  const auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor keys = std::get<0>(sorted).contiguous();
-  const at::Tensor order = std::get<1>(sorted).contiguous();
-  at::Tensor map = at::full({B * H * W}, -1, positions.options().dtype(at::kInt));
-  METAF2N_LAUNCH(static_cast<unsigned>((N + 255) / 256), 256, 0, stream, first_row_kernel)(
-      keys.data_ptr<int64_t>(), N, B * H * W, map.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const RowIndex index = index_rows(positions, B, H, W, stream);
+  const at::Tensor &keys = index.keys, &order = index.order, &map = index.map;
 
   const Geometry g = base_geometry(B, C, H, W, p);
   const int64_t Hp = H + 2 * g.pad, Wp = W + 2 * g.pad;
@@ -846,6 +1081,130 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// ---- dense path, host side ------------------------------------------------------------------------------------
+
+int64_t dense_distance_bytes(const Geometry& g, size_t elem) {
+  const int64_t E = kTile + 2 * g.f;
+  return (E * E + E * kTile) * static_cast<int64_t>(elem) + kTile * kTile * static_cast<int64_t>(sizeof(int));
+}
+
+int64_t dense_gradient_bytes(const Geometry& g, size_t elem) {
+  const int64_t E = kTile + 2 * g.f;
+  return (E * E + 2 * E * kTile + static_cast<int64_t>(g.C) * kTile * kTile) * static_cast<int64_t>(elem);
+}
+
+template <typename... Params>
+void check_dense_bytes(void (*kernel)(Params...), int64_t bytes, const at::Tensor& image, const GraphParams& p) {
+  const SharedLimits limits = kernel_limits(kernel, image.get_device());
+  TORCH_CHECK_VALUE(bytes + limits.static_bytes <= limits.optin, "path=\"dense\" with patch ", p.patch, " and ",
+                    image.size(1), " channels needs ", bytes + limits.static_bytes,
+                    " bytes of shared memory per block, more than this GPU allows (", limits.optin,
+                    "); use path=\"direct\"");
+}
+
+void check_dense_padding(const GraphParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(p.padding == Padding::Image,
+                              "path=\"dense\" is not implemented on CUDA for padding=\"window\": use \"auto\" or "
+                              "\"direct\"");
+}
+
+// Rows sorted by pixel, and for each row the line of the distance tensors that holds its distances.
+struct DenseRows {
+  RowIndex index;
+  at::Tensor line;  // (N,) int32
+};
+
+DenseRows dense_rows(const at::Tensor& positions, const at::Tensor& image, cudaStream_t stream) {
+  const int64_t N = positions.size(0), B = image.size(0), H = image.size(2), W = image.size(3);
+  DenseRows rows{index_rows(positions, B, H, W, stream), at::empty({N}, positions.options().dtype(at::kInt))};
+  METAF2N_LAUNCH(static_cast<unsigned>((N + 255) / 256), 256, 0, stream, dist_line_kernel)(
+      rows.index.keys.data_ptr<int64_t>(), rows.index.order.data_ptr<int64_t>(), rows.index.map.data_ptr<int>(), N,
+      B * H * W, rows.line.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rows;
+}
+
+// Distances (N, K) of every pixel of `image` that holds a row, on the line index.map gives it.
+template <typename scalar_t, typename acc_t>
+at::Tensor dense_distances(const at::Tensor& image, const RowIndex& index, const Geometry& g, const GraphParams& p,
+                           cudaStream_t stream) {
+  constexpr int kOffsetsPerBlock = 25;
+  at::Tensor dist = at::empty({index.keys.size(0), g.K}, image.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (image.numel() == 0) return dist;
+  const int64_t bytes = dense_distance_bytes(g, sizeof(acc_t));
+  check_dense_bytes(dense_distance_kernel<scalar_t, acc_t>, bytes, image, p);
+  const int tiles_x = ceil_div(g.W, kTile);
+  const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div(g.H, kTile)), static_cast<unsigned>(g.B),
+                  static_cast<unsigned>(ceil_div(g.K, kOffsetsPerBlock)));
+  METAF2N_LAUNCH(grid, kDenseThreads, bytes, stream, dense_distance_kernel<scalar_t, acc_t>)(
+      g, image.data_ptr<scalar_t>(), index.map.data_ptr<int>(), tiles_x, kOffsetsPerBlock, dist.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dist;
+}
+
+// Image gradient from the weights w (N, K) of every row, by the gather kernel: deterministic.
+at::Tensor dense_gradient(const at::Tensor& x, const RowIndex& index, const at::Tensor& w, const GraphParams& p,
+                          cudaStream_t stream) {
+  const int64_t N = w.size(0), B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (x.numel() == 0) return at::zeros_like(x, at::MemoryFormat::Contiguous);
+  const Geometry g = base_geometry(B, C, H, W, p);
+  at::Tensor wsum = at::empty_like(w);
+  const int64_t Hp = H + 2 * g.pad, Wp = W + 2 * g.pad;
+  at::Tensor gpad = at::empty({B, C, Hp, Wp}, w.options());
+  at::Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_dense_gradient_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    METAF2N_LAUNCH(static_cast<unsigned>((N * g.K + 255) / 256), 256, 0, stream, combine_kernel<acc_t>)(
+        index.keys.data_ptr<int64_t>(), index.order.data_ptr<int64_t>(), N, B * H * W, g.K, w.data_ptr<acc_t>(),
+        wsum.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t bytes = dense_gradient_bytes(g, sizeof(acc_t));
+    check_dense_bytes(dense_gradient_kernel<scalar_t, acc_t>, bytes, x, p);
+    const int tiles_x = ceil_div(static_cast<int>(Wp), kTile);
+    const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div(static_cast<int>(Hp), kTile)), static_cast<unsigned>(B));
+    METAF2N_LAUNCH(grid, kDenseThreads, bytes, stream, dense_gradient_kernel<scalar_t, acc_t>)(
+        g, x.data_ptr<scalar_t>(), index.map.data_ptr<int>(), wsum.data_ptr<acc_t>(), tiles_x, gpad.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t total = B * C * H * W;
+    METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
+        g, gpad.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// The dense loss's image gradient for the scalar gradient `grad` (nullptr: 1); with `partial`, the per-row losses.
+at::Tensor dense_loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::Tensor& t,
+                               const at::Tensor& positions, const GraphParams& p, const LossWeights& lw,
+                               at::Tensor* partial) {
+  const int64_t N = positions.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::Tensor g0 = grad != nullptr ? grad->reshape({}).to(acc).contiguous() : at::Tensor();
+  const DenseRows rows = dense_rows(positions, x, stream);
+  at::Tensor w = at::empty({N, p.K()}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_dense_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossBackward>(x, p, false, false);
+    const at::Tensor dsr = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
+    const at::Tensor dhr = dense_distances<scalar_t, acc_t>(t, rows.index, g, p, stream);
+    auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    a.img0 = x.data_ptr<scalar_t>();
+    a.img1 = t.data_ptr<scalar_t>();
+    a.dist[0] = dsr.data_ptr<acc_t>();
+    a.dist[1] = dhr.data_ptr<acc_t>();
+    a.dist_row = rows.line.data_ptr<int>();
+    a.grad = grad != nullptr ? g0.data_ptr<acc_t>() : nullptr;
+    a.partial = partial != nullptr ? partial->data_ptr<acc_t>() : nullptr;
+    a.kl = static_cast<acc_t>(lw.kl);
+    a.l1 = static_cast<acc_t>(lw.l1);
+    a.inv_nk = static_cast<acc_t>(1.0 / (static_cast<double>(N) * p.K()));
+    a.wout = w.data_ptr<acc_t>();
+    launch_rows<scalar_t, acc_t, kLossBackward>(a, N, stream);
+  });
+  return dense_gradient(x, rows.index, w, p, stream);
 }
 
 bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
@@ -985,6 +1344,100 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
   return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
 }
 
+namespace dense {
+
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
+  check_dense_padding(p);
+  const int64_t N = positions.size(0);
+  at::Tensor out = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return out;
+  const c10::cuda::CUDAGuard guard(image.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor x = image.contiguous();
+  const DenseRows rows = dense_rows(positions, x, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_dense_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t, acc_t, kGraphForward>(x, p, false, false);
+    const at::Tensor dist = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
+    auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    a.img0 = x.data_ptr<scalar_t>();
+    a.rows_out = out.data_ptr<scalar_t>();
+    a.dist[0] = dist.data_ptr<acc_t>();
+    a.dist_row = rows.line.data_ptr<int>();
+    launch_rows<scalar_t, acc_t, kGraphForward>(a, (N + 1) / 2, stream);
+  });
+  return out;
+}
+
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p) {
+  check_dense_padding(p);
+  const int64_t N = positions.size(0);
+  if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
+  const c10::cuda::CUDAGuard guard(image.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor x = image.contiguous();
+  const double factor = -2.0 / (p.h * x.size(1) * static_cast<double>(p.patch) * p.patch);
+  const at::Tensor S = rows.to(acc_type(x.scalar_type()));
+  const at::Tensor G = grad_rows.to(acc_type(x.scalar_type()));
+  const at::Tensor w = S.mul(G.sub(G.mul(S).sum(1, /*keepdim=*/true))).mul_(factor).contiguous();
+  return dense_gradient(x, index_rows(positions, x.size(0), x.size(2), x.size(3), stream), w, p, stream);
+}
+
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& lw) {
+  check_dense_padding(p);
+  const int64_t N = positions.size(0);
+  if (N == 0) return at::zeros({}, sr.options());
+  const c10::cuda::CUDAGuard guard(sr.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor x = sr.contiguous(), t = hr.contiguous();
+  const DenseRows rows = dense_rows(positions, x, stream);
+  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_dense_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossForward>(x, p, false, false);
+    const at::Tensor dsr = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
+    const at::Tensor dhr = dense_distances<scalar_t, acc_t>(t, rows.index, g, p, stream);
+    auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    a.img0 = x.data_ptr<scalar_t>();
+    a.img1 = t.data_ptr<scalar_t>();
+    a.partial = partial.data_ptr<acc_t>();
+    a.dist[0] = dsr.data_ptr<acc_t>();
+    a.dist[1] = dhr.data_ptr<acc_t>();
+    a.dist_row = rows.line.data_ptr<int>();
+    a.kl = static_cast<acc_t>(lw.kl);
+    a.l1 = static_cast<acc_t>(lw.l1);
+    launch_rows<scalar_t, acc_t, kLossForward>(a, N, stream);
+  });
+  const at::Tensor total = at::sum(partial, at::kDouble);
+  return total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type());
+}
+
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
+  check_dense_padding(p);
+  if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
+  const c10::cuda::CUDAGuard guard(sr.device());
+  return dense_loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& lw) {
+  check_dense_padding(p);
+  const int64_t N = positions.size(0);
+  if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
+  const c10::cuda::CUDAGuard guard(sr.device());
+  const at::Tensor x = sr.contiguous();
+  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor grad = dense_loss_gradient(nullptr, x, hr.contiguous(), positions, p, lw, &partial);
+  const at::Tensor total = at::sum(partial, at::kDouble);
+  return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
+}
+
+}  // namespace dense
+
 std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const GraphParams& p,
                                         int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,
                                         int64_t optin) {
@@ -992,7 +1445,7 @@ std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_
   TORCH_CHECK_VALUE(elem_bytes == 4 || elem_bytes == 8, "elem_bytes must be 4 or 8, got ", elem_bytes);
   TORCH_CHECK_VALUE(channels >= 1, "channels must be >= 1, got ", channels);
   const int64_t side = 2 * (p.s() + p.f()) + 1;
-  const Geometry g = plan_geometry(1, channels, side, side, p, static_cast<int>(mode), fast_grad,
+  const Geometry g = plan_geometry(1, channels, side, side, p, static_cast<int>(mode), fast_grad, true,
                                    static_cast<size_t>(elem_bytes), SharedLimits{static_bytes, optin},
                                    elem_bytes == 8 ? "Double" : "Float");
   return {shared_bytes(g, static_cast<size_t>(elem_bytes)), static_bytes, g.cg};

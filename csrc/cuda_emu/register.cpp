@@ -1,5 +1,5 @@
 // The emulated CUDA entry points (csrc/cuda/ssg_kernel.cu run on the CPU emulator) as the operators
-// torch.ops.metaf2n_cuda_emu.*, for the tests. They take CPU tensors and already-valid arguments: the argument checks
+// torch.ops.metaf2n_cuda_emu.*, for the tests; dense=True runs the dense path's kernels. They take CPU tensors and already-valid arguments: the argument checks
 // of the real ops are not repeated (they run before the CUDA code and are tested there).
 #include <Python.h>
 #include <torch/library.h>
@@ -16,37 +16,45 @@ using metaf2n::GraphParams;
 using metaf2n::LossWeights;
 using metaf2n::Padding;
 
+// As the real ops do (csrc/ssg.cpp): the kernels read positions as contiguous int64 rows.
+at::Tensor rows_of(const at::Tensor& positions) { return positions.to(at::kLong).contiguous(); }
+
 GraphParams params(int64_t search, int64_t patch, double h, const std::string& padding) {
   TORCH_CHECK_VALUE(padding == "image" || padding == "window", "padding must be image or window, got ", padding);
   return GraphParams{search, patch, h, padding == "image" ? Padding::Image : Padding::Window};
 }
 
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, int64_t search, int64_t patch, double h,
-                         const std::string& padding) {
-  return metaf2n::cuda::graph_forward(image, positions, params(search, patch, h, padding));
+                         const std::string& padding, bool dense) {
+  const auto fn = dense ? &metaf2n::cuda::dense::graph_forward : &metaf2n::cuda::graph_forward;
+  return fn(image, rows_of(positions), params(search, patch, h, padding));
 }
 
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                           const at::Tensor& positions, int64_t search, int64_t patch, double h,
-                          const std::string& padding) {
-  return metaf2n::cuda::graph_backward(grad_rows, rows, image, positions, params(search, patch, h, padding));
+                          const std::string& padding, bool dense) {
+  const auto fn = dense ? &metaf2n::cuda::dense::graph_backward : &metaf2n::cuda::graph_backward;
+  return fn(grad_rows, rows, image, rows_of(positions), params(search, patch, h, padding));
 }
 
 at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions, int64_t search,
-                        int64_t patch, double h, double kl, double l1, const std::string& padding) {
-  return metaf2n::cuda::loss_forward(sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+                        int64_t patch, double h, double kl, double l1, const std::string& padding, bool dense) {
+  const auto fn = dense ? &metaf2n::cuda::dense::loss_forward : &metaf2n::cuda::loss_forward;
+  return fn(sr, hr, rows_of(positions), params(search, patch, h, padding), LossWeights{kl, l1});
 }
 
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, int64_t search, int64_t patch, double h, double kl, double l1,
-                         const std::string& padding) {
-  return metaf2n::cuda::loss_backward(grad, sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+                         const std::string& padding, bool dense) {
+  const auto fn = dense ? &metaf2n::cuda::dense::loss_backward : &metaf2n::cuda::loss_backward;
+  return fn(grad, sr, hr, rows_of(positions), params(search, patch, h, padding), LossWeights{kl, l1});
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, int64_t search, int64_t patch, double h,
-                                                  double kl, double l1, const std::string& padding) {
-  return metaf2n::cuda::loss_with_grad(sr, hr, positions, params(search, patch, h, padding), LossWeights{kl, l1});
+                                                  double kl, double l1, const std::string& padding, bool dense) {
+  const auto fn = dense ? &metaf2n::cuda::dense::loss_with_grad : &metaf2n::cuda::loss_with_grad;
+  return fn(sr, hr, rows_of(positions), params(search, patch, h, padding), LossWeights{kl, l1});
 }
 
 std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const std::string& padding,
@@ -59,19 +67,19 @@ std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_
 }  // namespace
 
 TORCH_LIBRARY(metaf2n_cuda_emu, m) {
-  m.def("graph_forward(Tensor image, Tensor positions, int search, int patch, float h, str padding) -> Tensor",
+  m.def("graph_forward(Tensor image, Tensor positions, int search, int patch, float h, str padding, bool dense=False) -> Tensor",
         &graph_forward);
   m.def("graph_backward(Tensor grad_rows, Tensor rows, Tensor image, Tensor positions, int search, int patch, "
-        "float h, str padding) -> Tensor",
+        "float h, str padding, bool dense=False) -> Tensor",
         &graph_backward);
   m.def("loss_forward(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl, float l1, "
-        "str padding) -> Tensor",
+        "str padding, bool dense=False) -> Tensor",
         &loss_forward);
   m.def("loss_backward(Tensor grad, Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, "
-        "float kl, float l1, str padding) -> Tensor",
+        "float kl, float l1, str padding, bool dense=False) -> Tensor",
         &loss_backward);
   m.def("loss_with_grad(Tensor sr, Tensor hr, Tensor positions, int search, int patch, float h, float kl, float l1, "
-        "str padding) -> (Tensor, Tensor)",
+        "str padding, bool dense=False) -> (Tensor, Tensor)",
         &loss_with_grad);
   m.def("shared_memory_plan(int channels, int search, int patch, str padding, int mode, bool fast_grad, "
         "int elem_bytes, int static_bytes, int optin) -> int[]",
