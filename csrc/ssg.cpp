@@ -125,19 +125,14 @@ bool dense_is_cheaper(const at::Tensor& image, const at::Tensor& pos, const Grap
 }
 
 // Which implementation computes the op: "direct" (one patch loop per row), "dense" (box filters) or "auto" (on the
-// CPU the cheaper by the work estimate above). On CUDA the dense kernels exist for "image" padding only, and "auto"
-// takes the direct kernels: the dense CUDA kernels have been checked on the CPU emulator of csrc/cuda_emu/ but not
-// timed on a GPU, so there is no measured crossover to choose by.
+// CPU the cheaper by the work estimate above). On CUDA "auto" takes the direct kernels: the dense CUDA kernels have
+// been checked on the CPU emulator of csrc/cuda_emu/ but not timed on a GPU, so there is no measured crossover to
+// choose by.
 bool use_dense(c10::string_view path, const at::Tensor& image, const at::Tensor& pos, const GraphParams& p) {
   const std::string_view name = view(path);
   TORCH_CHECK_VALUE(name == "auto" || name == "direct" || name == "dense",
                     "path must be \"auto\", \"direct\" or \"dense\", got \"", std::string(name), "\"");
-  if (image.is_cuda()) {
-    TORCH_CHECK_NOT_IMPLEMENTED(name != "dense" || p.padding == Padding::Image,
-                                "path=\"dense\" is not implemented on CUDA for padding=\"window\": use \"auto\" or "
-                                "\"direct\"");
-    return name == "dense";
-  }
+  if (image.is_cuda()) return name == "dense";
   if (name == "auto") return dense_is_cheaper(image, pos, p);
   return name == "dense";
 }

@@ -82,7 +82,7 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& w);
-namespace dense {  // the same entry points by box filters, "image" padding only (csrc/cuda/ssg_kernel.cu)
+namespace dense {  // the same entry points by box filters (csrc/cuda/ssg_kernel.cu)
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                           const at::Tensor& positions, const GraphParams& p);

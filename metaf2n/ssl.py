@@ -127,7 +127,7 @@ def ssl_loss(
     ``kl_weight * KL(S_hr || S_sr) + l1_weight * |S_sr - S_hr|``, both averaged over the N masked pixels and the K
     offsets. ``mask`` (B, H, W) bool selects the pixels; None means ``edge_mask(hr, threshold, stride)``. An empty
     mask gives 0 with a zero gradient. ``hr`` never receives a gradient. ``path`` picks the implementation,
-    ``"direct"``, ``"dense"`` (on CUDA ``padding="image"`` only) or ``"auto"``, see :func:`metaf2n.ops.similarity_graph`.
+    ``"direct"``, ``"dense"`` or ``"auto"``, see :func:`metaf2n.ops.similarity_graph`.
     """
     _check_image(sr, "sr")
     _check_image(hr, "hr")

@@ -496,27 +496,23 @@ def test_deterministic_backward_of_an_empty_batch_with_rows():
 
 
 @needs_gpu
-def test_dense_path_on_cuda_refuses_window_padding_and_auto_runs_the_direct_kernels():
-    """The dense CUDA kernels cover "image" padding; "auto" (the default) takes the direct kernels on CUDA whatever
-    the mask density, as no crossover has been measured on a GPU yet."""
+def test_auto_runs_the_direct_kernels_on_cuda():
+    """"auto" (the default) takes the direct kernels on CUDA whatever the mask density: no crossover has been
+    measured on a GPU yet."""
     g = torch.Generator().manual_seed(0)
     sr = torch.rand(2, 3, 40, 40, generator=g).cuda()
     hr = torch.rand(2, 3, 40, 40, generator=g).cuda()
     full = torch.nonzero(torch.ones(2, 40, 40, dtype=torch.bool, device="cuda"))
-    with pytest.raises(NotImplementedError, match='padding="window"'):
-        ops.ssl_loss(sr, hr, full, 7, 3, 0.01, padding="window", path="dense")
-    with pytest.raises(NotImplementedError, match='padding="window"'):
-        ops.similarity_graph(hr, full, 7, 3, 0.01, "window", path="dense")
     assert torch.ops.metaf2n._auto_path(hr, full, 7, 3, "image") == "direct"
     assert torch.equal(ops.ssl_loss(sr, hr, full, 7, 3, 0.01), ops.ssl_loss(sr, hr, full, 7, 3, 0.01, path="direct"))
 
 
-DENSE_CONFIGS = [c for c in CONFIGS if c[3] == "image"] + [(3, 1, 0.05, "image"), (5, 7, 0.05, "image")]
+DENSE_CONFIGS = CONFIGS + [(3, 1, 0.05, "image"), (3, 1, 0.05, "window")]
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}")
+@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}-{c[3]}")
 def test_dense_parity(config, dtype):
     """path="dense" on CUDA against the float64 CPU op: graph rows and gradient, loss and gradient (both autograd
     routes), with duplicated rows and an image whose side is not a multiple of the 16-pixel tile."""

@@ -367,14 +367,18 @@ def test_empty_positions():
     assert loss.item() == 0 and torch.equal(grad, torch.zeros_like(sr))
 
 
-# --- the dense path's CUDA kernels ("image" padding) ---------------------------------------------------------------
+# --- the dense path's CUDA kernels -------------------------------------------------------------------------------
 
-DENSE_CONFIGS = [  # (search, patch, h)
-    (25, 9, 0.004),  # the defaults
-    (7, 5, 0.01),
-    (5, 7, 0.05),  # patch radius > search radius
-    (3, 1, 0.05),
-    (11, 13, 0.01),  # a patch nearly as large as the tile
+DENSE_CONFIGS = [  # (search, patch, h, padding)
+    (25, 9, 0.004, "image"),  # the defaults
+    (25, 9, 0.004, "window"),
+    (7, 5, 0.01, "image"),
+    (11, 5, 0.01, "window"),
+    (5, 7, 0.05, "image"),  # patch radius > search radius
+    (5, 7, 0.05, "window"),  # ... where query pixels outside the window read 0
+    (3, 1, 0.05, "image"),
+    (3, 1, 0.05, "window"),
+    (11, 13, 0.01, "image"),  # a patch nearly as large as the tile
 ]
 
 
@@ -384,48 +388,49 @@ def _dense_rows(hr: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat([pos, pos[2:4]])
 
 
-@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}")
+@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}-{c[3]}")
 def test_dense_graph_matches_the_cpu_op(config, order):
-    search, patch, h = config
+    search, patch, h, padding = config
     # 37: tiles of 16 that end past the image; the defaults on one small image, for time
     size, batch = (26, 1) if search == 25 else (37, 2)
     _, img = _pair(size=size, batch=batch, seed=19)
     pos = _dense_rows(img, seed=20)
     grad_rows = torch.randn(pos.shape[0], search * search, generator=torch.Generator().manual_seed(21), dtype=img.dtype)
-    rows_ref, grad_ref = _cpu_graph(img, pos, search, patch, h, "image", grad_rows)
-    rows = EMU.graph_forward(img, pos, search, patch, h, "image", True)
-    grad = EMU.graph_backward(grad_rows, rows, img, pos, search, patch, h, "image", True)
+    rows_ref, grad_ref = _cpu_graph(img, pos, search, patch, h, padding, grad_rows)
+    rows = EMU.graph_forward(img, pos, search, patch, h, padding, True)
+    grad = EMU.graph_backward(grad_rows, rows, img, pos, search, patch, h, padding, True)
     torch.testing.assert_close(rows, rows_ref, atol=1e-12, rtol=0)
     assert _grad_err(grad, grad_ref) < 1e-11
 
 
-@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}")
+@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=lambda c: f"s{c[0]}p{c[1]}-{c[3]}")
 def test_dense_loss_matches_the_cpu_op(config, order):
-    search, patch, h = config
+    search, patch, h, padding = config
     size, batch = (26, 1) if search == 25 else (37, 2)
     sr, hr = _pair(size=size, batch=batch, seed=22)
     pos = _dense_rows(hr, seed=23)
-    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, search, patch, h, "image", kl=700.0, l1=1300.0)
-    loss = EMU.loss_forward(sr, hr, pos, search, patch, h, 700.0, 1300.0, "image", True)
+    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, search, patch, h, padding, kl=700.0, l1=1300.0)
+    loss = EMU.loss_forward(sr, hr, pos, search, patch, h, 700.0, 1300.0, padding, True)
     grad = EMU.loss_backward(
-        torch.tensor(0.37, dtype=sr.dtype), sr, hr, pos, search, patch, h, 700.0, 1300.0, "image", True
+        torch.tensor(0.37, dtype=sr.dtype), sr, hr, pos, search, patch, h, 700.0, 1300.0, padding, True
     )
-    fused_loss, fused_grad = EMU.loss_with_grad(sr, hr, pos, search, patch, h, 700.0, 1300.0, "image", True)
+    fused_loss, fused_grad = EMU.loss_with_grad(sr, hr, pos, search, patch, h, 700.0, 1300.0, padding, True)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-11, atol=0)
     torch.testing.assert_close(fused_loss, loss_ref, rtol=1e-11, atol=0)
     assert _grad_err(grad, 0.37 * grad_ref) < 1e-11
     assert _grad_err(fused_grad, grad_ref) < 1e-11
 
 
+@pytest.mark.parametrize("padding", ["image", "window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_dense_reduced_precision_inputs(dtype):
+def test_dense_reduced_precision_inputs(dtype, padding):
     sr, hr = _pair(size=26, seed=24)
     sr, hr = sr.to(dtype), hr.to(dtype)
     pos = _dense_rows(hr.double(), seed=25)
-    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, 13, 9, 0.004, "image")
-    rows_ref, _ = _cpu_graph(hr, pos, 13, 9, 0.004, "image", torch.zeros(pos.shape[0], 169, dtype=torch.float64))
-    loss, grad = EMU.loss_with_grad(sr, hr, pos, 13, 9, 0.004, 1000.0, 1000.0, "image", True)
-    rows = EMU.graph_forward(hr, pos, 13, 9, 0.004, "image", True)
+    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, 13, 9, 0.004, padding)
+    rows_ref, _ = _cpu_graph(hr, pos, 13, 9, 0.004, padding, torch.zeros(pos.shape[0], 169, dtype=torch.float64))
+    loss, grad = EMU.loss_with_grad(sr, hr, pos, 13, 9, 0.004, 1000.0, 1000.0, padding, True)
+    rows = EMU.graph_forward(hr, pos, 13, 9, 0.004, padding, True)
     tol = TOL[dtype]
     assert loss.dtype == grad.dtype == rows.dtype == dtype
     torch.testing.assert_close(loss.double(), loss_ref, rtol=tol["loss"], atol=0)
@@ -433,29 +438,31 @@ def test_dense_reduced_precision_inputs(dtype):
     torch.testing.assert_close(rows.double(), rows_ref, atol=tol["rows"], rtol=0)
 
 
-def test_dense_many_channels_and_a_full_mask(order):
+@pytest.mark.parametrize("padding", ["image", "window"])
+def test_dense_many_channels_and_a_full_mask(order, padding):
     """Five channels, every pixel a row (tiles full of rows, every padded pixel with a gradient)."""
     sr, hr = _pair(size=18, batch=1, channels=5, seed=26)
     pos = torch.nonzero(torch.ones(1, 18, 18, dtype=torch.bool))
-    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, 5, 3, 0.01, "image")
-    loss, grad = EMU.loss_with_grad(sr, hr, pos, 5, 3, 0.01, 1000.0, 1000.0, "image", True)
+    loss_ref, grad_ref = _cpu_loss(sr, hr, pos, 5, 3, 0.01, padding)
+    loss, grad = EMU.loss_with_grad(sr, hr, pos, 5, 3, 0.01, 1000.0, 1000.0, padding, True)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-11, atol=0)
     assert _grad_err(grad, grad_ref) < 1e-11
 
 
-def test_dense_is_bitwise_independent_of_the_thread_order(monkeypatch):
+@pytest.mark.parametrize("padding", ["image", "window"])
+def test_dense_is_bitwise_independent_of_the_thread_order(monkeypatch, padding):
     sr, hr = _pair(size=37, seed=27)
     pos = _dense_rows(hr, seed=28)
     results = []
     for order in ORDERS:
         monkeypatch.setenv("METAF2N_CUDA_EMU_ORDER", order)
-        rows = EMU.graph_forward(hr, pos, 7, 5, 0.01, "image", True)
+        rows = EMU.graph_forward(hr, pos, 7, 5, 0.01, padding, True)
         grad_rows = torch.randn(rows.shape, generator=torch.Generator().manual_seed(29), dtype=rows.dtype)
         results.append(
             (
                 rows,
-                EMU.loss_with_grad(sr, hr, pos, 7, 5, 0.01, 1000.0, 1000.0, "image", True)[1],
-                EMU.graph_backward(grad_rows, rows, hr, pos, 7, 5, 0.01, "image", True),
+                EMU.loss_with_grad(sr, hr, pos, 7, 5, 0.01, 1000.0, 1000.0, padding, True)[1],
+                EMU.graph_backward(grad_rows, rows, hr, pos, 7, 5, 0.01, padding, True),
             )
         )
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -479,12 +486,3 @@ def test_dense_out_of_range_rows_and_empty_inputs():
     none = torch.zeros(0, 3, dtype=torch.int64)
     loss, grad = EMU.loss_with_grad(sr, hr, none, 7, 3, 0.01, 1000.0, 1000.0, "image", True)
     assert loss.item() == 0 and torch.equal(grad, torch.zeros_like(sr))
-
-
-def test_dense_refuses_window_padding():
-    sr, hr = _pair(size=24, seed=32)
-    pos = torch.tensor([[0, 5, 5]])
-    with pytest.raises(NotImplementedError, match='padding="window"'):
-        EMU.loss_with_grad(sr, hr, pos, 7, 3, 0.01, 1000.0, 1000.0, "window", True)
-    with pytest.raises(NotImplementedError, match='padding="window"'):
-        EMU.graph_forward(hr, pos, 7, 3, 0.01, "window", True)

@@ -23,7 +23,7 @@
 //     thread per padded-image element gathers the terms of every row whose tile covers it in a fixed order, and
 //     a fold kernel adds each pixel's <= 9 reflected sources in a fixed order.
 //
-//   * Dense path (path="dense", "image" padding only): distances by box filters over image tiles into an (N, K)
+//   * Dense path (path="dense"): distances by box filters over image tiles into an (N, K)
 //     buffer that rows_kernel reads instead of computing them, and a deterministic gather backward (see "Dense path"
 //     below). Checked on the CPU emulator (csrc/cuda_emu/), not yet timed on a GPU.
 //
@@ -682,20 +682,46 @@ __global__ void fold_kernel(const Geometry g, const acc_t* __restrict__ gpad, sc
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dense path ("image" padding): distances by box filters over tiles of the image, and a gather backward.
+// Dense path: distances by box filters over tiles of the image, and a gather backward.
 //
+//   * For an offset o, the patch pixels j of a row p fall into rectangles that do not depend on p: in "image"
+//     padding every j is a pair (x(p + j), x(p + o + j)); in "window" padding (pixels outside p's window read 0)
+//     the pairs are the rectangle B = Q n C, where Q holds the j with p + j in the window and C those with p + o + j
+//     in it, and Q \ B (C \ B) add x(p + j)^2 (x(p + o + j)^2). In "image" padding Q = C = B = the patch.
 //   * Distances. A block takes a kTile x kTile tile of one image (skipped when no row lies in it) and a chunk of
-//     offsets. Per offset o it forms E(q) = sum_c (x_c(q) - x_c(q + o))^2 on the tile plus the patch radius, sums it
-//     along lines over the patch width, then down the columns over the patch height at the tile's rows only, and
-//     writes the distance to line map[pixel] of `dist` (N, K): rows at one pixel share the line of the first.
+//     offsets. Per offset it forms E(q) = sum_c (x_c(q) - x_c(q + o))^2 on the tile plus B, sums it along lines over
+//     B's width, then down the columns over B's height at the tile's rows only; in "window" padding it adds the x^2
+//     parts from a summed-area table (in double) of the tile plus the window. The distance goes to line map[pixel]
+//     of `dist` (N, K): rows at one pixel share the line of the first.
 //   * Gradient. The weights w (N, K) of rows at one pixel are first added up in row order (combine_kernel). A block
-//     then owns a kTile x kTile tile of the padded image and loops over every offset in order; for each it box-sums
-//     the weight plane W_o around the tile (S_o(u), u as a query pixel) and around the tile shifted by -o (S_o(u - o),
-//     u as a candidate) and adds S_o(u) (x(u) - x(u + o)) + S_o(u - o) (x(u) - x(u - o)). Every padded pixel is
-//     written once, by one thread, in a fixed order: the result is deterministic; fold_kernel folds the padding.
+//     then owns a kTile x kTile tile of the padded image and loops over every offset in order. For each, the weight
+//     plane W_o box-summed over B and Q around the tile (u as a query pixel) and over B and C around the tile
+//     shifted by -o (u as a candidate) gives
+//       S_B(u) (x(u) - x(u + o)) + (S_Q(u) - S_B(u)) x(u) + S_B(u - o) (x(u) - x(u - o)) + (S_C(u - o) - S_B(u - o)) x(u).
+//     Every padded pixel is written once, by one thread, in a fixed order: the result is deterministic; fold_kernel
+//     folds the padding back.
 
 constexpr int kTile = 16;
 constexpr int kDenseThreads = 256;
+
+// An inclusive range [lo, hi] of patch offsets j along one axis.
+struct Span {
+  int lo, hi;
+  __device__ __forceinline__ int size() const { return hi - lo + 1; }
+};
+
+// The rectangles of offset (oy, ox) along one axis: Q (query pixel in the window), C (candidate in the window),
+// B = Q n C. "image" padding: all three are the patch.
+struct Spans {
+  Span q, c, b;
+};
+
+__device__ __forceinline__ Spans spans(const Geometry& g, int o) {
+  if (!g.window) return {{-g.f, g.f}, {-g.f, g.f}, {-g.f, g.f}};
+  const Span q{-min(g.f, g.s), min(g.f, g.s)};
+  const Span c{max(-g.f, -g.s - o), min(g.f, g.s - o)};
+  return {q, c, {max(q.lo, c.lo), min(q.hi, c.hi)}};
+}
 
 // Writes 1 to *any when a row lies in image rows [y0, y1) x columns [x0, x1) of image b (clipped to the image).
 __device__ __forceinline__ void any_row(const Geometry& g, const int* __restrict__ map, int b, int y0, int y1, int x0,
@@ -708,14 +734,36 @@ __device__ __forceinline__ void any_row(const Geometry& g, const int* __restrict
   }
 }
 
+// out[r][t] = sum of in[r][t + lo .. t + hi] for r < lines, t < kTile (in has `width` columns).
+template <typename acc_t>
+__device__ __forceinline__ void line_sums(const acc_t* __restrict__ in, int width, int lines, int lo, int hi,
+                                          acc_t* __restrict__ out) {
+  for (int i = threadIdx.x; i < lines * kTile; i += blockDim.x) {
+    const acc_t* src = in + (i / kTile) * width + i % kTile;
+    acc_t sum = 0;
+    for (int d = lo; d <= hi; ++d) sum += src[d];
+    out[i] = sum;
+  }
+}
+
+// sum of h[ty + lo .. ty + hi][tx] (h has kTile columns).
+template <typename acc_t>
+__device__ __forceinline__ acc_t column_sum(const acc_t* __restrict__ h, int ty, int tx, int lo, int hi) {
+  acc_t sum = 0;
+  for (int d = lo; d <= hi; ++d) sum += h[(ty + d) * kTile + tx];
+  return sum;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kDenseThreads)
     dense_distance_kernel(const Geometry g, const scalar_t* __restrict__ img, const int* __restrict__ map,
                           int tiles_x, int offsets_per_block, acc_t* __restrict__ dist) {
   METAF2N_DYNAMIC_SHARED(smem_raw);
-  const int E = kTile + 2 * g.f;                       // side of the squared-difference region
-  acc_t* e = reinterpret_cast<acc_t*>(smem_raw);       // [E][E]
-  acc_t* hsum = e + E * E;                             // [E][kTile]: sums along lines over the patch width
+  const int E = kTile + 2 * g.f;   // side of the largest squared-difference region
+  const int A = kTile + 2 * g.s + 1;  // side of the summed-area table ("window" padding)
+  double* sat = reinterpret_cast<double*>(smem_raw);                      // [A][A], "window" padding only
+  acc_t* e = reinterpret_cast<acc_t*>(sat + (g.window ? A * A : 0));     // [E][E]
+  acc_t* hsum = e + E * E;                                                // [E][kTile]
   int* line = reinterpret_cast<int*>(hsum + E * kTile);  // [kTile * kTile]: dist line of each tile pixel, or -1
   __shared__ int any;
 
@@ -734,13 +782,47 @@ __global__ void __launch_bounds__(kDenseThreads)
 
   const int64_t plane = static_cast<int64_t>(g.H) * g.W;
   const scalar_t* xb = img + static_cast<int64_t>(b) * g.C * plane;
+  if (g.window) {
+    // sat[r][c] = sum of sum_c x^2 over image rows y0 - s .. y0 - s + r - 1 and columns likewise (rows and columns
+    // more than s past the image, which no row's window reaches, count 0).
+    for (int i = tid; i < A * A; i += nthreads) {
+      const int r = i / A, c = i % A;
+      double v = 0;
+      const int y = y0 - g.s + r - 1, x = x0 - g.s + c - 1;
+      if (r > 0 && c > 0 && y < g.H + g.s && x < g.W + g.s) {
+        const int64_t q = static_cast<int64_t>(reflect(y, g.H)) * g.W + reflect(x, g.W);
+        for (int ch = 0; ch < g.C; ++ch) {
+          const double a = static_cast<double>(static_cast<acc_t>(xb[ch * plane + q]));
+          v += a * a;
+        }
+      }
+      sat[i] = v;
+    }
+    __syncthreads();
+    for (int r = tid; r < A; r += nthreads) {
+      for (int c = 1; c < A; ++c) sat[r * A + c] += sat[r * A + c - 1];
+    }
+    __syncthreads();
+    for (int c = tid; c < A; c += nthreads) {
+      for (int r = 1; r < A; ++r) sat[r * A + c] += sat[(r - 1) * A + c];
+    }
+    __syncthreads();
+  }
+  // sum of x^2 over image rows [y0 + ty + ys.lo, y0 + ty + ys.hi] x columns likewise (inside the table)
+  const auto x2 = [&](int ty, int tx, Span ys, Span xs) {
+    const int r0 = ty + ys.lo + g.s, r1 = ty + ys.hi + g.s + 1, c0 = tx + xs.lo + g.s, c1 = tx + xs.hi + g.s + 1;
+    return sat[r1 * A + c1] - sat[r0 * A + c1] - sat[r1 * A + c0] + sat[r0 * A + c0];
+  };
+
   const int k_end = min(g.K, (static_cast<int>(blockIdx.z) + 1) * offsets_per_block);
   for (int k = blockIdx.z * offsets_per_block; k < k_end; ++k) {
     const int oy = k / g.n - g.s, ox = k % g.n - g.s;
-    for (int i = tid; i < E * E; i += nthreads) {
-      const int qy = y0 - g.f + i / E, qx = x0 - g.f + i % E;
+    const Spans sy = spans(g, oy), sx = spans(g, ox);
+    const int ey = kTile - 1 + sy.b.size(), ex = kTile - 1 + sx.b.size();  // E(q) for q = tile pixel + B
+    for (int i = tid; i < ey * ex; i += nthreads) {
+      const int qy = y0 + sy.b.lo + i / ex, qx = x0 + sx.b.lo + i % ex;
       acc_t sum = 0;
-      if (qy < g.H + g.f && qx < g.W + g.f) {  // past that only a partial tile's missing pixels would read it
+      if (qy <= g.H - 1 + sy.b.hi && qx <= g.W - 1 + sx.b.hi) {  // past that only a partial tile's missing pixels read
         const int64_t q = static_cast<int64_t>(reflect(qy, g.H)) * g.W + reflect(qx, g.W);
         const int64_t c = static_cast<int64_t>(reflect(qy + oy, g.H)) * g.W + reflect(qx + ox, g.W);
         for (int ch = 0; ch < g.C; ++ch) {
@@ -751,18 +833,18 @@ __global__ void __launch_bounds__(kDenseThreads)
       e[i] = sum;
     }
     __syncthreads();
-    for (int i = tid; i < E * kTile; i += nthreads) {
-      const acc_t* src = e + (i / kTile) * E + i % kTile;
-      acc_t sum = 0;
-      for (int dx = 0; dx < g.P; ++dx) sum += src[dx];
-      hsum[i] = sum;
-    }
+    line_sums(e, ex, ey, 0, sx.b.size() - 1, hsum);
     __syncthreads();
     for (int i = tid; i < kTile * kTile; i += nthreads) {
       if (line[i] < 0) continue;
-      const acc_t* src = hsum + (i / kTile) * kTile + i % kTile;
-      acc_t sum = 0;
-      for (int dy = 0; dy < g.P; ++dy) sum += src[dy * kTile];
+      const int ty = i / kTile, tx = i % kTile;
+      acc_t sum = column_sum(hsum, ty, tx, 0, sy.b.size() - 1);
+      if (g.window) {
+        const Span cy{oy + sy.c.lo, oy + sy.c.hi}, cx{ox + sx.c.lo, ox + sx.c.hi};  // C and B around p + o
+        const Span by{oy + sy.b.lo, oy + sy.b.hi}, bx{ox + sx.b.lo, ox + sx.b.hi};
+        sum += static_cast<acc_t>((x2(ty, tx, sy.q, sx.q) - x2(ty, tx, sy.b, sx.b)) +
+                                  (x2(ty, tx, cy, cx) - x2(ty, tx, by, bx)));
+      }
       dist[static_cast<int64_t>(line[i]) * g.K + k] = sum;
     }
     // No barrier needed here: the next offset writes e first, which nothing reads after the barrier above.
@@ -785,28 +867,20 @@ __global__ void combine_kernel(const int64_t* __restrict__ keys, const int64_t* 
   wsum[j * K + k] = sum;
 }
 
-// Loads the weight plane of offset k on image rows [y0, y0 + E) x columns [x0, x0 + E) (zero off the image or
-// without a row) and sums it along lines over the patch width into hsum [E][kTile].
+// Loads the weight plane of offset k on image rows [y0, y0 + lines) x columns [x0, x0 + width) (zero off the image
+// or without a row).
 template <typename acc_t>
-__device__ __forceinline__ void weight_lines(const Geometry& g, const int* __restrict__ map_b,
-                                             const acc_t* __restrict__ wsum, int k, int y0, int x0, acc_t* plane,
-                                             acc_t* hsum) {
-  const int E = kTile + 2 * g.f;
-  for (int i = threadIdx.x; i < E * E; i += blockDim.x) {
-    const int y = y0 + i / E, x = x0 + i % E;
+__device__ __forceinline__ void load_weights(const Geometry& g, const int* __restrict__ map_b,
+                                             const acc_t* __restrict__ wsum, int k, int y0, int x0, int lines,
+                                             int width, acc_t* plane) {
+  for (int i = threadIdx.x; i < lines * width; i += blockDim.x) {
+    const int y = y0 + i / width, x = x0 + i % width;
     acc_t v = 0;
     if (y >= 0 && y < g.H && x >= 0 && x < g.W) {
       const int j = map_b[static_cast<int64_t>(y) * g.W + x];
       if (j >= 0) v = wsum[static_cast<int64_t>(j) * g.K + k];
     }
     plane[i] = v;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < E * kTile; i += blockDim.x) {
-    const acc_t* src = plane + (i / kTile) * E + i % kTile;
-    acc_t sum = 0;
-    for (int dx = 0; dx < g.P; ++dx) sum += src[dx];
-    hsum[i] = sum;
   }
 }
 
@@ -817,9 +891,11 @@ __global__ void __launch_bounds__(kDenseThreads)
   METAF2N_DYNAMIC_SHARED(smem_raw);
   const int E = kTile + 2 * g.f;
   acc_t* plane = reinterpret_cast<acc_t*>(smem_raw);  // [E][E]
-  acc_t* hq = plane + E * E;                          // [E][kTile]: around the tile (query role)
-  acc_t* hc = hq + E * kTile;                         // [E][kTile]: around the tile shifted by -o (candidate role)
-  acc_t* acc = hc + E * kTile;                        // [C][kTile * kTile]: the tile's gradient
+  acc_t* h_qb = plane + E * E;                        // [E][kTile] line sums over B around the tile (query role)
+  acc_t* h_q = h_qb + E * kTile;                      //            ... over Q
+  acc_t* h_cb = h_q + E * kTile;                      //            ... over B around the tile - o (candidate role)
+  acc_t* h_c = h_cb + E * kTile;                      //            ... over C
+  acc_t* acc = h_c + E * kTile;                       // [C][kTile * kTile]: the tile's gradient
   __shared__ int any;
 
   const int b = blockIdx.y, tid = threadIdx.x, nthreads = blockDim.x;
@@ -831,14 +907,6 @@ __global__ void __launch_bounds__(kDenseThreads)
   __syncthreads();
   any_row(g, map, b, y0 - g.R, y0 + kTile + g.R, x0 - g.R, x0 + kTile + g.R, &any);  // rows that reach the tile
   __syncthreads();
-  if (!any) {
-    for (int i = tid; i < g.C * kTile * kTile; i += nthreads) {
-      const int c = i / (kTile * kTile), t = i % (kTile * kTile);
-      const int uy = y0 + g.pad + t / kTile, ux = x0 + g.pad + t % kTile;
-      if (uy < Hp && ux < Wp) gpad[((static_cast<int64_t>(b) * g.C + c) * Hp + uy) * Wp + ux] = 0;
-    }
-    return;
-  }
 
   const int64_t plane_size = static_cast<int64_t>(g.H) * g.W;
   const scalar_t* xb = img + static_cast<int64_t>(b) * g.C * plane_size;
@@ -846,30 +914,41 @@ __global__ void __launch_bounds__(kDenseThreads)
   const auto value = [&](int c, int y, int x) {  // image value at a (reflected) position
     return static_cast<acc_t>(xb[c * plane_size + static_cast<int64_t>(reflect(y, g.H)) * g.W + reflect(x, g.W)]);
   };
-  for (int k = 0; k < g.K; ++k) {
+  for (int k = 0; k < (any ? g.K : 0); ++k) {
     const int oy = k / g.n - g.s, ox = k % g.n - g.s;
-    weight_lines(g, map_b, wsum, k, y0 - g.f, x0 - g.f, plane, hq);
+    const Spans sy = spans(g, oy), sx = spans(g, ox);
+    // Query role: u - j for j in Q (which holds B), around the tile.
+    const int qlines = kTile - 1 + sy.q.size(), qwidth = kTile - 1 + sx.q.size();
+    load_weights(g, map_b, wsum, k, y0 - sy.q.hi, x0 - sx.q.hi, qlines, qwidth, plane);
     __syncthreads();
-    weight_lines(g, map_b, wsum, k, y0 - oy - g.f, x0 - ox - g.f, plane, hc);
+    line_sums(plane, qwidth, qlines, sx.q.hi - sx.b.hi, sx.q.hi - sx.b.lo, h_qb);
+    if (g.window) line_sums(plane, qwidth, qlines, 0, sx.q.size() - 1, h_q);
+    __syncthreads();
+    // Candidate role: u - o - j for j in C (which holds B).
+    const int clines = kTile - 1 + sy.c.size(), cwidth = kTile - 1 + sx.c.size();
+    load_weights(g, map_b, wsum, k, y0 - oy - sy.c.hi, x0 - ox - sx.c.hi, clines, cwidth, plane);
+    __syncthreads();
+    line_sums(plane, cwidth, clines, sx.c.hi - sx.b.hi, sx.c.hi - sx.b.lo, h_cb);
+    if (g.window) line_sums(plane, cwidth, clines, 0, sx.c.size() - 1, h_c);
     __syncthreads();
     for (int t = tid; t < kTile * kTile; t += nthreads) {
       const int ty = t / kTile, tx = t % kTile;
-      acc_t sq = 0, sc = 0;
-      for (int dy = 0; dy < g.P; ++dy) {
-        sq += hq[(ty + dy) * kTile + tx];
-        sc += hc[(ty + dy) * kTile + tx];
-      }
-      // A non-zero sum means a row within the patch radius, so every position read below is within the padding.
+      const acc_t qb = column_sum(h_qb, ty, tx, sy.q.hi - sy.b.hi, sy.q.hi - sy.b.lo);
+      const acc_t cb = column_sum(h_cb, ty, tx, sy.c.hi - sy.b.hi, sy.c.hi - sy.b.lo);
+      const acc_t q_only = g.window ? column_sum(h_q, ty, tx, 0, sy.q.size() - 1) - qb : acc_t(0);
+      const acc_t c_only = g.window ? column_sum(h_c, ty, tx, 0, sy.c.size() - 1) - cb : acc_t(0);
+      // A non-zero sum means a row within reach, so every position read below is within the padding.
       const int y = y0 + ty, x = x0 + tx;
-      if (sq != acc_t(0)) {
-        for (int c = 0; c < g.C; ++c) acc[c * kTile * kTile + t] += sq * (value(c, y, x) - value(c, y + oy, x + ox));
-      }
-      if (sc != acc_t(0)) {
-        for (int c = 0; c < g.C; ++c) acc[c * kTile * kTile + t] += sc * (value(c, y, x) - value(c, y - oy, x - ox));
+      for (int c = 0; c < g.C; ++c) {
+        acc_t a = 0;
+        if (qb != acc_t(0)) a += qb * (value(c, y, x) - value(c, y + oy, x + ox));
+        if (cb != acc_t(0)) a += cb * (value(c, y, x) - value(c, y - oy, x - ox));
+        if (q_only != acc_t(0) || c_only != acc_t(0)) a += (q_only + c_only) * value(c, y, x);
+        acc[c * kTile * kTile + t] += a;
       }
     }
-    // No barrier needed here: the next offset's weight_lines writes `plane`, then waits for every thread before
-    // writing hq. Each thread adds to the same pixels of acc at every offset.
+    // No barrier needed here: the next offset's load_weights writes `plane`, then waits for every thread before the
+    // line sums are written again. Each thread adds to the same pixels of acc at every offset.
   }
   for (int i = tid; i < g.C * kTile * kTile; i += nthreads) {
     const int c = i / (kTile * kTile), t = i % (kTile * kTile);
@@ -877,7 +956,6 @@ __global__ void __launch_bounds__(kDenseThreads)
     if (uy < Hp && ux < Wp) gpad[((static_cast<int64_t>(b) * g.C + c) * Hp + uy) * Wp + ux] = acc[i];
   }
 }
-
 // ---------------------------------------------------------------------------------------------------------------
 // Host side.
 
@@ -1086,13 +1164,14 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
 // ---- dense path, host side ------------------------------------------------------------------------------------
 
 int64_t dense_distance_bytes(const Geometry& g, size_t elem) {
-  const int64_t E = kTile + 2 * g.f;
-  return (E * E + E * kTile) * static_cast<int64_t>(elem) + kTile * kTile * static_cast<int64_t>(sizeof(int));
+  const int64_t E = kTile + 2 * g.f, A = kTile + 2 * g.s + 1;
+  return (g.window ? A * A * static_cast<int64_t>(sizeof(double)) : 0) + (E * E + E * kTile) * static_cast<int64_t>(elem) +
+         kTile * kTile * static_cast<int64_t>(sizeof(int));
 }
 
 int64_t dense_gradient_bytes(const Geometry& g, size_t elem) {
   const int64_t E = kTile + 2 * g.f;
-  return (E * E + 2 * E * kTile + static_cast<int64_t>(g.C) * kTile * kTile) * static_cast<int64_t>(elem);
+  return (E * E + 4 * E * kTile + static_cast<int64_t>(g.C) * kTile * kTile) * static_cast<int64_t>(elem);
 }
 
 template <typename... Params>
@@ -1102,12 +1181,6 @@ void check_dense_bytes(void (*kernel)(Params...), int64_t bytes, const at::Tenso
                     image.size(1), " channels needs ", bytes + limits.static_bytes,
                     " bytes of shared memory per block, more than this GPU allows (", limits.optin,
                     "); use path=\"direct\"");
-}
-
-void check_dense_padding(const GraphParams& p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(p.padding == Padding::Image,
-                              "path=\"dense\" is not implemented on CUDA for padding=\"window\": use \"auto\" or "
-                              "\"direct\"");
 }
 
 // Rows sorted by pixel, and for each row the line of the distance tensors that holds its distances.
@@ -1347,7 +1420,6 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
 namespace dense {
 
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
-  check_dense_padding(p);
   const int64_t N = positions.size(0);
   at::Tensor out = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -1371,7 +1443,6 @@ at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, c
 
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                           const at::Tensor& positions, const GraphParams& p) {
-  check_dense_padding(p);
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(image.device());
@@ -1386,7 +1457,6 @@ at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, c
 
 at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
                         const GraphParams& p, const LossWeights& lw) {
-  check_dense_padding(p);
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros({}, sr.options());
   const c10::cuda::CUDAGuard guard(sr.device());
@@ -1416,7 +1486,6 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
 
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
-  check_dense_padding(p);
   if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(sr.device());
   return dense_loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr);
@@ -1425,7 +1494,6 @@ at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at:
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& lw) {
-  check_dense_padding(p);
   const int64_t N = positions.size(0);
   if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
   const c10::cuda::CUDAGuard guard(sr.device());
