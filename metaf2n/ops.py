@@ -37,8 +37,9 @@ def similarity_graph(
 ) -> torch.Tensor:
     """Normalised self-similarity rows of ``image`` (B, C, H, W) at ``positions`` (N, 3): returns (N, search**2).
 
-    ``path`` picks the implementation: ``"direct"`` (one patch loop per row), ``"dense"`` (box filters) or ``"auto"`` (on the CPU the cheaper of the two by a measured work estimate; on CUDA
-    the direct kernels, as the dense ones have not been timed on a GPU yet). They agree to rounding.
+    ``path`` picks the implementation: ``"direct"`` (one patch loop per row), ``"dense"`` (box filters) or
+    ``"auto"`` (on the CPU the cheaper of the two by a measured work estimate; on CUDA the direct kernels, as the
+    dense ones have not been timed on a GPU yet). They agree to rounding.
     """
     return torch.ops.metaf2n.similarity_graph(image, positions, search, patch, h, padding, path)
 
