@@ -1248,53 +1248,39 @@ at::Tensor dense_gradient(const at::Tensor& x, const RowIndex& index, const at::
   return out;
 }
 
-// The dense loss's image gradient for the scalar gradient `grad` (nullptr: 1); with `partial`, the per-row losses.
-at::Tensor dense_loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::Tensor& t,
-                               const at::Tensor& positions, const GraphParams& p, const LossWeights& lw,
-                               at::Tensor* partial) {
-  const int64_t N = positions.size(0);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType acc = acc_type(x.scalar_type());
-  const at::Tensor g0 = grad != nullptr ? grad->reshape({}).to(acc).contiguous() : at::Tensor();
-  const DenseRows rows = dense_rows(positions, x, stream);
-  at::Tensor w = at::empty({N, p.K()}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_dense_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kLossBackward>(x, p, false, false);
-    const at::Tensor dsr = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
-    const at::Tensor dhr = dense_distances<scalar_t, acc_t>(t, rows.index, g, p, stream);
-    auto a = base_args<scalar_t, acc_t>(g, positions, p);
-    a.img0 = x.data_ptr<scalar_t>();
-    a.img1 = t.data_ptr<scalar_t>();
-    a.dist[0] = dsr.data_ptr<acc_t>();
-    a.dist[1] = dhr.data_ptr<acc_t>();
-    a.dist_row = rows.line.data_ptr<int>();
-    a.grad = grad != nullptr ? g0.data_ptr<acc_t>() : nullptr;
-    a.partial = partial != nullptr ? partial->data_ptr<acc_t>() : nullptr;
-    a.kl = static_cast<acc_t>(lw.kl);
-    a.l1 = static_cast<acc_t>(lw.l1);
-    a.inv_nk = static_cast<acc_t>(1.0 / (static_cast<double>(N) * p.K()));
-    a.wout = w.data_ptr<acc_t>();
-    launch_rows<scalar_t, acc_t, kLossBackward>(a, N, stream);
-  });
-  return dense_gradient(x, rows.index, w, p, stream);
+// The dense path's distances of `x` (and `t`, for the loss) on the row arguments; the tensors they point to are kept
+// in `keep` until the launch has been queued.
+template <typename scalar_t, typename acc_t>
+void attach_distances(RowArgs<scalar_t, acc_t>& a, const DenseRows& rows, const at::Tensor& x, const at::Tensor* t,
+                      const GraphParams& p, cudaStream_t stream, std::vector<at::Tensor>& keep) {
+  keep.push_back(dense_distances<scalar_t, acc_t>(x, rows.index, a.g, p, stream));
+  a.dist[0] = keep.back().data_ptr<acc_t>();
+  if (t != nullptr) {
+    keep.push_back(dense_distances<scalar_t, acc_t>(*t, rows.index, a.g, p, stream));
+    a.dist[1] = keep.back().data_ptr<acc_t>();
+  }
+  a.dist_row = rows.line.data_ptr<int>();
 }
 
 bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
 
-}  // namespace
+// The entry points of both paths: `dense` takes the distances from dense_distances and the gradient from
+// dense_gradient; the row maths (rows_kernel) is the same.
 
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
+at::Tensor graph_forward_impl(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p, bool dense) {
   const int64_t N = positions.size(0);
   at::Tensor out = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
   const c10::cuda::CUDAGuard guard(image.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x = image.contiguous();
+  const DenseRows rows = dense ? dense_rows(positions, x, stream) : DenseRows{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kGraphForward>(x, p, false);
+    const Geometry g = make_geometry<scalar_t, acc_t, kGraphForward>(x, p, false, !dense);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    std::vector<at::Tensor> keep;
+    if (dense) attach_distances(a, rows, x, nullptr, p, stream, keep);
     a.img0 = x.data_ptr<scalar_t>();
     a.rows_out = out.data_ptr<scalar_t>();
     launch_rows<scalar_t, acc_t, kGraphForward>(a, (N + 1) / 2, stream);
@@ -1302,22 +1288,21 @@ at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, c
   return out;
 }
 
-at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p) {
+at::Tensor graph_backward_impl(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                               const at::Tensor& positions, const GraphParams& p, bool dense) {
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(image.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x = image.contiguous();
   const double factor = -2.0 / (p.h * x.size(1) * static_cast<double>(p.patch) * p.patch);
-  if (deterministic()) {
-    const at::Tensor S = rows.to(acc_type(x.scalar_type())).contiguous();
-    const at::Tensor G = grad_rows.to(acc_type(x.scalar_type()));
-    const at::Tensor w = S.mul(G.sub(G.mul(S).sum(1, /*keepdim=*/true))).mul_(factor).contiguous();
-    return deterministic_gradient(x, positions, w, p, stream);
-  }
   const at::Tensor S = rows.to(acc_type(x.scalar_type())).contiguous();
   const at::Tensor G = grad_rows.to(acc_type(x.scalar_type())).contiguous();
+  if (dense || deterministic()) {
+    const at::Tensor w = S.mul(G.sub(G.mul(S).sum(1, /*keepdim=*/true))).mul_(factor).contiguous();
+    if (dense) return dense_gradient(x, index_rows(positions, x.size(0), x.size(2), x.size(3), stream), w, p, stream);
+    return deterministic_gradient(x, positions, w, p, stream);
+  }
   at::Tensor gacc = at::zeros(x.sizes(), x.options().dtype(acc_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1332,18 +1317,21 @@ at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, c
   return gacc.scalar_type() == x.scalar_type() ? gacc : gacc.to(x.scalar_type());
 }
 
-at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& lw) {
+at::Tensor loss_forward_impl(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                             const GraphParams& p, const LossWeights& lw, bool dense) {
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros({}, sr.options());
   const c10::cuda::CUDAGuard guard(sr.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor x = sr.contiguous(), t = hr.contiguous();
+  const DenseRows rows = dense ? dense_rows(positions, x, stream) : DenseRows{};
   at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kLossForward>(x, p, false);
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossForward>(x, p, false, !dense);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    std::vector<at::Tensor> keep;
+    if (dense) attach_distances(a, rows, x, &t, p, stream, keep);
     a.img0 = x.data_ptr<scalar_t>();
     a.img1 = t.data_ptr<scalar_t>();
     a.partial = partial.data_ptr<acc_t>();
@@ -1356,27 +1344,28 @@ at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Te
   return total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type());
 }
 
-namespace {
-
 // Gradient of the loss w.r.t. sr for the scalar gradient `grad` (nullptr: 1); with `partial` (N,), the per-row
 // losses of the same pass too.
 at::Tensor loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& positions,
-                         const GraphParams& p, const LossWeights& lw, at::Tensor* partial) {
+                         const GraphParams& p, const LossWeights& lw, at::Tensor* partial, bool dense) {
   const int64_t N = positions.size(0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor g0 = grad != nullptr ? grad->reshape({}).to(acc).contiguous() : at::Tensor();
-  const bool det = deterministic();
+  const bool with_weights = dense || deterministic();  // the rows write their weights w (N, K)
+  const DenseRows rows = dense ? dense_rows(positions, x, stream) : DenseRows{};
   at::Tensor w, gacc;
-  if (det) {
+  if (with_weights) {
     w = at::empty({N, p.K()}, x.options().dtype(acc));
   } else {
     gacc = at::zeros(x.sizes(), x.options().dtype(acc));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kLossBackward>(x, p, !det);
+    const Geometry g = make_geometry<scalar_t, acc_t, kLossBackward>(x, p, !with_weights, !dense);
     auto a = base_args<scalar_t, acc_t>(g, positions, p);
+    std::vector<at::Tensor> keep;
+    if (dense) attach_distances(a, rows, x, &t, p, stream, keep);
     a.img0 = x.data_ptr<scalar_t>();
     a.img1 = t.data_ptr<scalar_t>();
     a.grad = grad != nullptr ? g0.data_ptr<acc_t>() : nullptr;
@@ -1384,126 +1373,82 @@ at::Tensor loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::
     a.kl = static_cast<acc_t>(lw.kl);
     a.l1 = static_cast<acc_t>(lw.l1);
     a.inv_nk = static_cast<acc_t>(1.0 / (static_cast<double>(N) * p.K()));
-    if (det) {
+    if (with_weights) {
       a.wout = w.data_ptr<acc_t>();
     } else {
       a.gacc = gacc.data_ptr<acc_t>();
     }
     launch_rows<scalar_t, acc_t, kLossBackward>(a, N, stream);
   });
-  if (det) return deterministic_gradient(x, positions, w, p, stream);
+  if (dense) return dense_gradient(x, rows.index, w, p, stream);
+  if (with_weights) return deterministic_gradient(x, positions, w, p, stream);
   return gacc.scalar_type() == x.scalar_type() ? gacc : gacc.to(x.scalar_type());
+}
+
+at::Tensor loss_backward_impl(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                              const at::Tensor& positions, const GraphParams& p, const LossWeights& lw, bool dense) {
+  if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
+  const c10::cuda::CUDAGuard guard(sr.device());
+  return loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr, dense);
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_with_grad_impl(const at::Tensor& sr, const at::Tensor& hr,
+                                                       const at::Tensor& positions, const GraphParams& p,
+                                                       const LossWeights& lw, bool dense) {
+  const int64_t N = positions.size(0);
+  if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
+  const c10::cuda::CUDAGuard guard(sr.device());
+  const at::Tensor x = sr.contiguous();
+  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor grad = loss_gradient(nullptr, x, hr.contiguous(), positions, p, lw, &partial, dense);
+  const at::Tensor total = at::sum(partial, at::kDouble);
+  return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
 }
 
 }  // namespace
 
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
+  return graph_forward_impl(image, positions, p, false);
+}
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p) {
+  return graph_backward_impl(grad_rows, rows, image, positions, p, false);
+}
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& lw) {
+  return loss_forward_impl(sr, hr, positions, p, lw, false);
+}
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
-  if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
-  const c10::cuda::CUDAGuard guard(sr.device());
-  return loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr);
+  return loss_backward_impl(grad, sr, hr, positions, p, lw, false);
 }
-
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& lw) {
-  const int64_t N = positions.size(0);
-  if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
-  const c10::cuda::CUDAGuard guard(sr.device());
-  const at::Tensor x = sr.contiguous();
-  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
-  at::Tensor grad = loss_gradient(nullptr, x, hr.contiguous(), positions, p, lw, &partial);
-  const at::Tensor total = at::sum(partial, at::kDouble);
-  return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
+  return loss_with_grad_impl(sr, hr, positions, p, lw, false);
 }
 
 namespace dense {
-
 at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
-  const int64_t N = positions.size(0);
-  at::Tensor out = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0) return out;
-  const c10::cuda::CUDAGuard guard(image.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = image.contiguous();
-  const DenseRows rows = dense_rows(positions, x, stream);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_graph_dense_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kGraphForward>(x, p, false, false);
-    const at::Tensor dist = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
-    auto a = base_args<scalar_t, acc_t>(g, positions, p);
-    a.img0 = x.data_ptr<scalar_t>();
-    a.rows_out = out.data_ptr<scalar_t>();
-    a.dist[0] = dist.data_ptr<acc_t>();
-    a.dist_row = rows.line.data_ptr<int>();
-    launch_rows<scalar_t, acc_t, kGraphForward>(a, (N + 1) / 2, stream);
-  });
-  return out;
+  return graph_forward_impl(image, positions, p, true);
 }
-
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
                           const at::Tensor& positions, const GraphParams& p) {
-  const int64_t N = positions.size(0);
-  if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
-  const c10::cuda::CUDAGuard guard(image.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = image.contiguous();
-  const double factor = -2.0 / (p.h * x.size(1) * static_cast<double>(p.patch) * p.patch);
-  const at::Tensor S = rows.to(acc_type(x.scalar_type()));
-  const at::Tensor G = grad_rows.to(acc_type(x.scalar_type()));
-  const at::Tensor w = S.mul(G.sub(G.mul(S).sum(1, /*keepdim=*/true))).mul_(factor).contiguous();
-  return dense_gradient(x, index_rows(positions, x.size(0), x.size(2), x.size(3), stream), w, p, stream);
+  return graph_backward_impl(grad_rows, rows, image, positions, p, true);
 }
-
 at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
                         const GraphParams& p, const LossWeights& lw) {
-  const int64_t N = positions.size(0);
-  if (N == 0) return at::zeros({}, sr.options());
-  const c10::cuda::CUDAGuard guard(sr.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x = sr.contiguous(), t = hr.contiguous();
-  const DenseRows rows = dense_rows(positions, x, stream);
-  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "metaf2n_ssl_dense_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t, acc_t, kLossForward>(x, p, false, false);
-    const at::Tensor dsr = dense_distances<scalar_t, acc_t>(x, rows.index, g, p, stream);
-    const at::Tensor dhr = dense_distances<scalar_t, acc_t>(t, rows.index, g, p, stream);
-    auto a = base_args<scalar_t, acc_t>(g, positions, p);
-    a.img0 = x.data_ptr<scalar_t>();
-    a.img1 = t.data_ptr<scalar_t>();
-    a.partial = partial.data_ptr<acc_t>();
-    a.dist[0] = dsr.data_ptr<acc_t>();
-    a.dist[1] = dhr.data_ptr<acc_t>();
-    a.dist_row = rows.line.data_ptr<int>();
-    a.kl = static_cast<acc_t>(lw.kl);
-    a.l1 = static_cast<acc_t>(lw.l1);
-    launch_rows<scalar_t, acc_t, kLossForward>(a, N, stream);
-  });
-  const at::Tensor total = at::sum(partial, at::kDouble);
-  return total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type());
+  return loss_forward_impl(sr, hr, positions, p, lw, true);
 }
-
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
                          const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
-  if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
-  const c10::cuda::CUDAGuard guard(sr.device());
-  return dense_loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr);
+  return loss_backward_impl(grad, sr, hr, positions, p, lw, true);
 }
-
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
                                                   const LossWeights& lw) {
-  const int64_t N = positions.size(0);
-  if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
-  const c10::cuda::CUDAGuard guard(sr.device());
-  const at::Tensor x = sr.contiguous();
-  at::Tensor partial = at::empty({N}, x.options().dtype(acc_type(x.scalar_type())));
-  at::Tensor grad = dense_loss_gradient(nullptr, x, hr.contiguous(), positions, p, lw, &partial);
-  const at::Tensor total = at::sum(partial, at::kDouble);
-  return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
+  return loss_with_grad_impl(sr, hr, positions, p, lw, true);
 }
-
 }  // namespace dense
 
 std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const GraphParams& p,
