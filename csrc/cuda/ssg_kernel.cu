@@ -806,7 +806,7 @@ __global__ void __launch_bounds__(kDenseThreads)
     for (int c = tid; c < A; c += nthreads) {
       for (int r = 1; r < A; ++r) sat[r * A + c] += sat[(r - 1) * A + c];
     }
-    __syncthreads();
+    __syncthreads();  // (the first barrier of the offset loop would order these writes too; kept for clarity)
   }
   // sum of x^2 over image rows [y0 + ty + ys.lo, y0 + ty + ys.hi] x columns likewise (inside the table)
   const auto x2 = [&](int ty, int tx, Span ys, Span xs) {
