@@ -36,7 +36,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
@@ -703,6 +702,7 @@ __global__ void fold_kernel(const Geometry g, const acc_t* __restrict__ gpad, sc
 
 constexpr int kTile = 16;
 constexpr int kDenseThreads = 256;
+constexpr int kDenseOffsets = 16;  // offsets per distance block: a row's distances are written 16 at a time
 
 // An inclusive range [lo, hi] of patch offsets j along one axis.
 struct Span {
@@ -757,14 +757,15 @@ __device__ __forceinline__ acc_t column_sum(const acc_t* __restrict__ h, int ty,
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kDenseThreads)
     dense_distance_kernel(const Geometry g, const scalar_t* __restrict__ img, const int* __restrict__ map,
-                          int tiles_x, int offsets_per_block, acc_t* __restrict__ dist) {
+                          int tiles_x, acc_t* __restrict__ dist) {
   METAF2N_DYNAMIC_SHARED(smem_raw);
   const int E = kTile + 2 * g.f;   // side of the largest squared-difference region
   const int A = kTile + 2 * g.s + 1;  // side of the summed-area table ("window" padding)
   double* sat = reinterpret_cast<double*>(smem_raw);                      // [A][A], "window" padding only
   acc_t* e = reinterpret_cast<acc_t*>(sat + (g.window ? A * A : 0));     // [E][E]
   acc_t* hsum = e + E * E;                                                // [E][kTile]
-  int* line = reinterpret_cast<int*>(hsum + E * kTile);  // [kTile * kTile]: dist line of each tile pixel, or -1
+  acc_t* out = hsum + E * kTile;  // [kTile * kTile][kDenseOffsets]: this block's distances, written out at the end
+  int* line = reinterpret_cast<int*>(out + kTile * kTile * kDenseOffsets);  // [kTile * kTile]: dist line, or -1
   __shared__ int any;
 
   const int b = blockIdx.y, tid = threadIdx.x, nthreads = blockDim.x;
@@ -814,8 +815,8 @@ __global__ void __launch_bounds__(kDenseThreads)
     return sat[r1 * A + c1] - sat[r0 * A + c1] - sat[r1 * A + c0] + sat[r0 * A + c0];
   };
 
-  const int k_end = min(g.K, (static_cast<int>(blockIdx.z) + 1) * offsets_per_block);
-  for (int k = blockIdx.z * offsets_per_block; k < k_end; ++k) {
+  const int k0 = static_cast<int>(blockIdx.z) * kDenseOffsets, k_end = min(g.K, k0 + kDenseOffsets);
+  for (int k = k0; k < k_end; ++k) {
     const int oy = k / g.n - g.s, ox = k % g.n - g.s;
     const Spans sy = spans(g, oy), sx = spans(g, ox);
     const int ey = kTile - 1 + sy.b.size(), ex = kTile - 1 + sx.b.size();  // E(q) for q = tile pixel + B
@@ -845,40 +846,48 @@ __global__ void __launch_bounds__(kDenseThreads)
         sum += static_cast<acc_t>((x2(ty, tx, sy.q, sx.q) - x2(ty, tx, sy.b, sx.b)) +
                                   (x2(ty, tx, cy, cx) - x2(ty, tx, by, bx)));
       }
-      dist[static_cast<int64_t>(line[i]) * g.K + k] = sum;
+      out[i * kDenseOffsets + k - k0] = sum;
     }
     // No barrier needed here: the next offset writes e first, which nothing reads after the barrier above.
   }
+  __syncthreads();
+  // Each row's distances as one run of consecutive addresses (a warp writes a few rows' runs at once).
+  const int count = k_end - k0;
+  for (int i = tid; i < kTile * kTile * count; i += nthreads) {
+    const int t = i / count, kk = i % count;
+    if (line[t] >= 0) dist[static_cast<int64_t>(line[t]) * g.K + k0 + kk] = out[t * kDenseOffsets + kk];
+  }
 }
 
-// wsum[j] = sum of w[order[i]] over the sorted rows i = j, j + 1, ... at the pixel of keys[j], for the first row j
-// of each pixel inside the batch (lines of other rows are left alone).
+// wsum[k][j] = sum of w[order[i]][k] over the sorted rows i = j, j + 1, ... at the pixel of keys[j], for the first
+// row j of each pixel inside the batch (other entries are left alone). Offset-major: the gradient kernel reads one
+// offset's weights of neighbouring pixels, whose sorted rows are neighbours too.
 template <typename acc_t>
 __global__ void combine_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ order, int64_t N,
                                int64_t total, int K, const acc_t* __restrict__ w, acc_t* __restrict__ wsum) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= N * K) return;
-  const int64_t j = idx / K;
-  const int k = static_cast<int>(idx % K);
+  const int64_t j = idx % N;
+  const int k = static_cast<int>(idx / N);
   const int64_t key = keys[j];
   if (key >= total || (j > 0 && keys[j - 1] == key)) return;
   acc_t sum = 0;
   for (int64_t i = j; i < N && keys[i] == key; ++i) sum += w[order[i] * K + k];
-  wsum[j * K + k] = sum;
+  wsum[idx] = sum;
 }
 
-// Loads the weight plane of offset k on image rows [y0, y0 + lines) x columns [x0, x0 + width) (zero off the image
+// Loads the weight plane of one offset (wsum_k: its weights by sorted row) on image rows [y0, y0 + lines) x columns [x0, x0 + width) (zero off the image
 // or without a row).
 template <typename acc_t>
 __device__ __forceinline__ void load_weights(const Geometry& g, const int* __restrict__ map_b,
-                                             const acc_t* __restrict__ wsum, int k, int y0, int x0, int lines,
-                                             int width, acc_t* plane) {
+                                             const acc_t* __restrict__ wsum_k, int y0, int x0, int lines, int width,
+                                             acc_t* plane) {
   for (int i = threadIdx.x; i < lines * width; i += blockDim.x) {
     const int y = y0 + i / width, x = x0 + i % width;
     acc_t v = 0;
     if (y >= 0 && y < g.H && x >= 0 && x < g.W) {
       const int j = map_b[static_cast<int64_t>(y) * g.W + x];
-      if (j >= 0) v = wsum[static_cast<int64_t>(j) * g.K + k];
+      if (j >= 0) v = wsum_k[j];
     }
     plane[i] = v;
   }
@@ -887,7 +896,7 @@ __device__ __forceinline__ void load_weights(const Geometry& g, const int* __res
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kDenseThreads)
     dense_gradient_kernel(const Geometry g, const scalar_t* __restrict__ img, const int* __restrict__ map,
-                          const acc_t* __restrict__ wsum, int tiles_x, acc_t* __restrict__ gpad) {
+                          const acc_t* __restrict__ wsum, int64_t N, int tiles_x, acc_t* __restrict__ gpad) {
   METAF2N_DYNAMIC_SHARED(smem_raw);
   const int E = kTile + 2 * g.f;
   acc_t* plane = reinterpret_cast<acc_t*>(smem_raw);  // [E][E]
@@ -919,14 +928,15 @@ __global__ void __launch_bounds__(kDenseThreads)
     const Spans sy = spans(g, oy), sx = spans(g, ox);
     // Query role: u - j for j in Q (which holds B), around the tile.
     const int qlines = kTile - 1 + sy.q.size(), qwidth = kTile - 1 + sx.q.size();
-    load_weights(g, map_b, wsum, k, y0 - sy.q.hi, x0 - sx.q.hi, qlines, qwidth, plane);
+    const acc_t* wsum_k = wsum + static_cast<int64_t>(k) * N;
+    load_weights(g, map_b, wsum_k, y0 - sy.q.hi, x0 - sx.q.hi, qlines, qwidth, plane);
     __syncthreads();
     line_sums(plane, qwidth, qlines, sx.q.hi - sx.b.hi, sx.q.hi - sx.b.lo, h_qb);
     if (g.window) line_sums(plane, qwidth, qlines, 0, sx.q.size() - 1, h_q);
     __syncthreads();
     // Candidate role: u - o - j for j in C (which holds B).
     const int clines = kTile - 1 + sy.c.size(), cwidth = kTile - 1 + sx.c.size();
-    load_weights(g, map_b, wsum, k, y0 - oy - sy.c.hi, x0 - ox - sx.c.hi, clines, cwidth, plane);
+    load_weights(g, map_b, wsum_k, y0 - oy - sy.c.hi, x0 - ox - sx.c.hi, clines, cwidth, plane);
     __syncthreads();
     line_sums(plane, cwidth, clines, sx.c.hi - sx.b.hi, sx.c.hi - sx.b.lo, h_cb);
     if (g.window) line_sums(plane, cwidth, clines, 0, sx.c.size() - 1, h_c);
@@ -1165,7 +1175,8 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
 
 int64_t dense_distance_bytes(const Geometry& g, size_t elem) {
   const int64_t E = kTile + 2 * g.f, A = kTile + 2 * g.s + 1;
-  return (g.window ? A * A * static_cast<int64_t>(sizeof(double)) : 0) + (E * E + E * kTile) * static_cast<int64_t>(elem) +
+  return (g.window ? A * A * static_cast<int64_t>(sizeof(double)) : 0) +
+         (E * E + E * kTile + kTile * kTile * kDenseOffsets) * static_cast<int64_t>(elem) +
          kTile * kTile * static_cast<int64_t>(sizeof(int));
 }
 
@@ -1203,16 +1214,15 @@ DenseRows dense_rows(const at::Tensor& positions, const at::Tensor& image, cudaS
 template <typename scalar_t, typename acc_t>
 at::Tensor dense_distances(const at::Tensor& image, const RowIndex& index, const Geometry& g, const GraphParams& p,
                            cudaStream_t stream) {
-  constexpr int kOffsetsPerBlock = 25;
   at::Tensor dist = at::empty({index.keys.size(0), g.K}, image.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (image.numel() == 0) return dist;
   const int64_t bytes = dense_distance_bytes(g, sizeof(acc_t));
   check_dense_bytes(dense_distance_kernel<scalar_t, acc_t>, bytes, image, p);
   const int tiles_x = ceil_div(g.W, kTile);
   const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div(g.H, kTile)), static_cast<unsigned>(g.B),
-                  static_cast<unsigned>(ceil_div(g.K, kOffsetsPerBlock)));
+                  static_cast<unsigned>(ceil_div(g.K, kDenseOffsets)));
   METAF2N_LAUNCH(grid, kDenseThreads, bytes, stream, dense_distance_kernel<scalar_t, acc_t>)(
-      g, image.data_ptr<scalar_t>(), index.map.data_ptr<int>(), tiles_x, kOffsetsPerBlock, dist.data_ptr<acc_t>());
+      g, image.data_ptr<scalar_t>(), index.map.data_ptr<int>(), tiles_x, dist.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dist;
 }
@@ -1223,7 +1233,7 @@ at::Tensor dense_gradient(const at::Tensor& x, const RowIndex& index, const at::
   const int64_t N = w.size(0), B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.numel() == 0) return at::zeros_like(x, at::MemoryFormat::Contiguous);
   const Geometry g = base_geometry(B, C, H, W, p);
-  at::Tensor wsum = at::empty_like(w);
+  at::Tensor wsum = at::empty({w.size(1), N}, w.options());  // offset-major
   const int64_t Hp = H + 2 * g.pad, Wp = W + 2 * g.pad;
   at::Tensor gpad = at::empty({B, C, Hp, Wp}, w.options());
   at::Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -1238,7 +1248,8 @@ at::Tensor dense_gradient(const at::Tensor& x, const RowIndex& index, const at::
     const int tiles_x = ceil_div(static_cast<int>(Wp), kTile);
     const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div(static_cast<int>(Hp), kTile)), static_cast<unsigned>(B));
     METAF2N_LAUNCH(grid, kDenseThreads, bytes, stream, dense_gradient_kernel<scalar_t, acc_t>)(
-        g, x.data_ptr<scalar_t>(), index.map.data_ptr<int>(), wsum.data_ptr<acc_t>(), tiles_x, gpad.data_ptr<acc_t>());
+        g, x.data_ptr<scalar_t>(), index.map.data_ptr<int>(), wsum.data_ptr<acc_t>(), N, tiles_x,
+        gpad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t total = B * C * H * W;
     METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
