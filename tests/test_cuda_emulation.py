@@ -124,6 +124,63 @@ def _pair(size=36, batch=2, channels=3, seed=0):
     return sr, hr
 
 
+# --- the emulator itself: what it catches, on small kernels with known defects (csrc/cuda_emu/selftest.cpp) ------
+
+
+def _reduce_twice_expected(n: int) -> torch.Tensor:
+    total = n * (n + 1) / 2
+    return torch.tensor([total] * n + [2 * total] * n)
+
+
+def test_emulator_runs_correct_kernels_exactly(order):
+    t = torch.arange(64, dtype=torch.float32)
+    assert torch.equal(EMU.selftest("neighbour", 64, 256, 2)[:128], torch.cat([(t + 1) % 64] * 2))
+    assert torch.equal(EMU.selftest("reuse", 64, 256)[:64], (t + 32) % 64)
+    assert torch.equal(EMU.selftest("lower_neighbour", 64, 256)[:64], (t - 1).clamp_min(0))
+    assert torch.equal(EMU.selftest("reduce_twice", 96, 0), _reduce_twice_expected(96))
+    shuffled = torch.arange(32, dtype=torch.float32).view(16, 2).flip(1).flatten()
+    assert torch.equal(EMU.selftest("shuffle", 32, 0)[:32], shuffled)
+
+
+def test_emulator_exposes_a_missing_barrier_in_each_order(order):
+    """Without the barrier, a thread reads a slot before its writer ran (NaN: shared memory starts as NaN bytes), or
+    a warp running ahead (through its shuffles) overwrites a slot another warp has not read yet."""
+    t = torch.arange(64, dtype=torch.float32)
+    assert not torch.equal(EMU.selftest("neighbour_race", 64, 256)[:64], (t + 1) % 64)
+    assert not torch.equal(EMU.selftest("reuse_race", 64, 256)[:64], (t + 32) % 64)
+    assert not torch.equal(EMU.selftest("reduce_twice_race", 96, 0), _reduce_twice_expected(96))
+
+
+def test_emulator_needs_both_orders(monkeypatch):
+    """A read of a lower thread's slot without a barrier looks right when threads run in forward order: the reverse
+    order is what shows it."""
+    expected = (torch.arange(64, dtype=torch.float32) - 1).clamp_min(0)
+    monkeypatch.setenv("METAF2N_CUDA_EMU_ORDER", "forward")
+    assert torch.equal(EMU.selftest("lower_neighbour_race", 64, 256)[:64], expected)
+    monkeypatch.setenv("METAF2N_CUDA_EMU_ORDER", "reverse")
+    assert torch.isnan(EMU.selftest("lower_neighbour_race", 64, 256)[1:64]).all()
+
+
+def test_emulator_fills_shared_memory_with_nan():
+    assert torch.isnan(EMU.selftest("uninitialised", 32, 128)[:32]).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "threads", "shared_bytes", "blocks", "message"),
+    [
+        ("overflow", 32, 128, 1, "past the end of dynamic shared memory"),
+        ("divergent", 32, 0, 1, "divergent barrier"),
+        ("shuffle", 1025, 0, 1, "invalid configuration"),
+        ("shuffle", 32, 0, 0, "invalid configuration"),  # a zero-block grid, as CUDA refuses it
+        ("uninitialised", 32, 49073, 1, "above the kernel's limit of 49072"),  # 48 KiB - 80 static, no opt-in
+    ],
+)
+def test_emulator_refuses_what_a_gpu_refuses_or_corrupts(name, threads, shared_bytes, blocks, message):
+    with pytest.raises(RuntimeError, match=message):
+        EMU.selftest(name, threads, shared_bytes, blocks)
+    EMU.selftest("shuffle", 32, 0)  # and is usable afterwards
+
+
 # --- parity with the CPU ops ----------------------------------------------------------------------------------------
 
 
