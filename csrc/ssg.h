@@ -71,29 +71,17 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at
 }  // namespace cpu
 
 #ifdef METAF2N_WITH_CUDA
-namespace cuda {  // the same entry points on CUDA tensors (csrc/cuda/ssg_kernel.cu)
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
+namespace cuda {  // the same entry points on CUDA tensors (csrc/cuda/ssg_kernel.cu); `dense` takes the box-filter path
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p, bool dense);
 at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p);
+                          const at::Tensor& positions, const GraphParams& p, bool dense);
 at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& w);
+                        const GraphParams& p, const LossWeights& w, bool dense);
 at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w, bool dense);
 std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
                                                   const at::Tensor& positions, const GraphParams& p,
-                                                  const LossWeights& w);
-namespace dense {  // the same entry points by box filters (csrc/cuda/ssg_kernel.cu)
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p);
-at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p);
-at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& w);
-at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                         const at::Tensor& positions, const GraphParams& p, const LossWeights& w);
-std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
-                                                  const at::Tensor& positions, const GraphParams& p,
-                                                  const LossWeights& w);
-}  // namespace dense
+                                                  const LossWeights& w, bool dense);
 // The shared-memory plan of a rows_kernel launch, computed on the host without a GPU (for tests):
 // {dynamic bytes, static bytes, channels staged at once}; ValueError when dynamic + static exceeds `optin`.
 // mode: 0 graph forward, 1 graph backward, 2 loss forward, 3 loss backward.

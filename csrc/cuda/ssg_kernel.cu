@@ -696,7 +696,8 @@ __global__ void fold_kernel(const Geometry g, const acc_t* __restrict__ gpad, sc
 //     then owns a kTile x kTile tile of the padded image and loops over every offset in order. For each, the weight
 //     plane W_o box-summed over B and Q around the tile (u as a query pixel) and over B and C around the tile
 //     shifted by -o (u as a candidate) gives
-//       S_B(u) (x(u) - x(u + o)) + (S_Q(u) - S_B(u)) x(u) + S_B(u - o) (x(u) - x(u - o)) + (S_C(u - o) - S_B(u - o)) x(u).
+//       S_B(u) (x(u) - x(u + o)) + (S_Q(u) - S_B(u)) x(u)
+//         + S_B(u - o) (x(u) - x(u - o)) + (S_C(u - o) - S_B(u - o)) x(u).
 //     Every padded pixel is written once, by one thread, in a fixed order: the result is deterministic; fold_kernel
 //     folds the padding back.
 
@@ -876,8 +877,8 @@ __global__ void combine_kernel(const int64_t* __restrict__ keys, const int64_t* 
   wsum[idx] = sum;
 }
 
-// Loads the weight plane of one offset (wsum_k: its weights by sorted row) on image rows [y0, y0 + lines) x columns [x0, x0 + width) (zero off the image
-// or without a row).
+// Loads the weight plane of one offset (wsum_k: its weights by sorted row) on image rows [y0, y0 + lines) x columns
+// [x0, x0 + width) (zero off the image or without a row).
 template <typename acc_t>
 __device__ __forceinline__ void load_weights(const Geometry& g, const int* __restrict__ map_b,
                                              const acc_t* __restrict__ wsum_k, int y0, int x0, int lines, int width,
@@ -1129,7 +1130,8 @@ RowIndex index_rows(const at::Tensor& positions, int64_t B, int64_t H, int64_t W
   const at::Tensor b = positions.select(1, 0), y = positions.select(1, 1), xx = positions.select(1, 2);
   const at::Tensor valid = b.ge(0).logical_and_(b.lt(B)).logical_and_(y.ge(0)).logical_and_(y.lt(H))
                                .logical_and_(xx.ge(0)).logical_and_(xx.lt(W));
-  const at::Tensor key = at::where(valid, b.mul(H).add_(y).mul_(W).add_(xx), at::full({}, B * H * W, positions.options()));
+  const at::Tensor outside = at::full({}, B * H * W, positions.options());
+  const at::Tensor key = at::where(valid, b.mul(H).add_(y).mul_(W).add_(xx), outside);
   const auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   RowIndex index{std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(),
                  at::full({B * H * W}, -1, positions.options().dtype(at::kInt))};
@@ -1275,10 +1277,12 @@ void attach_distances(RowArgs<scalar_t, acc_t>& a, const DenseRows& rows, const 
 
 bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
 
-// The entry points of both paths: `dense` takes the distances from dense_distances and the gradient from
+}  // namespace
+
+// Each entry point serves both paths: `dense` takes the distances from dense_distances and the gradient from
 // dense_gradient; the row maths (rows_kernel) is the same.
 
-at::Tensor graph_forward_impl(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p, bool dense) {
+at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p, bool dense) {
   const int64_t N = positions.size(0);
   at::Tensor out = at::empty({N, p.K()}, image.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -1299,8 +1303,8 @@ at::Tensor graph_forward_impl(const at::Tensor& image, const at::Tensor& positio
   return out;
 }
 
-at::Tensor graph_backward_impl(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                               const at::Tensor& positions, const GraphParams& p, bool dense) {
+at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
+                          const at::Tensor& positions, const GraphParams& p, bool dense) {
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros_like(image, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(image.device());
@@ -1328,8 +1332,8 @@ at::Tensor graph_backward_impl(const at::Tensor& grad_rows, const at::Tensor& ro
   return gacc.scalar_type() == x.scalar_type() ? gacc : gacc.to(x.scalar_type());
 }
 
-at::Tensor loss_forward_impl(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                             const GraphParams& p, const LossWeights& lw, bool dense) {
+at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
+                        const GraphParams& p, const LossWeights& lw, bool dense) {
   const int64_t N = positions.size(0);
   if (N == 0) return at::zeros({}, sr.options());
   const c10::cuda::CUDAGuard guard(sr.device());
@@ -1354,6 +1358,8 @@ at::Tensor loss_forward_impl(const at::Tensor& sr, const at::Tensor& hr, const a
   const at::Tensor total = at::sum(partial, at::kDouble);
   return total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type());
 }
+
+namespace {
 
 // Gradient of the loss w.r.t. sr for the scalar gradient `grad` (nullptr: 1); with `partial` (N,), the per-row
 // losses of the same pass too.
@@ -1396,16 +1402,18 @@ at::Tensor loss_gradient(const at::Tensor* grad, const at::Tensor& x, const at::
   return gacc.scalar_type() == x.scalar_type() ? gacc : gacc.to(x.scalar_type());
 }
 
-at::Tensor loss_backward_impl(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                              const at::Tensor& positions, const GraphParams& p, const LossWeights& lw, bool dense) {
+}  // namespace
+
+at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
+                         const at::Tensor& positions, const GraphParams& p, const LossWeights& lw, bool dense) {
   if (positions.size(0) == 0) return at::zeros_like(sr, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(sr.device());
   return loss_gradient(&grad, sr.contiguous(), hr.contiguous(), positions, p, lw, nullptr, dense);
 }
 
-std::tuple<at::Tensor, at::Tensor> loss_with_grad_impl(const at::Tensor& sr, const at::Tensor& hr,
-                                                       const at::Tensor& positions, const GraphParams& p,
-                                                       const LossWeights& lw, bool dense) {
+std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
+                                                  const at::Tensor& positions, const GraphParams& p,
+                                                  const LossWeights& lw, bool dense) {
   const int64_t N = positions.size(0);
   if (N == 0) return {at::zeros({}, sr.options()), at::zeros_like(sr, at::MemoryFormat::Contiguous)};
   const c10::cuda::CUDAGuard guard(sr.device());
@@ -1416,51 +1424,6 @@ std::tuple<at::Tensor, at::Tensor> loss_with_grad_impl(const at::Tensor& sr, con
   return {total.div_(static_cast<double>(N) * p.K()).to(sr.scalar_type()), grad};
 }
 
-}  // namespace
-
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
-  return graph_forward_impl(image, positions, p, false);
-}
-at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p) {
-  return graph_backward_impl(grad_rows, rows, image, positions, p, false);
-}
-at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& lw) {
-  return loss_forward_impl(sr, hr, positions, p, lw, false);
-}
-at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                         const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
-  return loss_backward_impl(grad, sr, hr, positions, p, lw, false);
-}
-std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
-                                                  const at::Tensor& positions, const GraphParams& p,
-                                                  const LossWeights& lw) {
-  return loss_with_grad_impl(sr, hr, positions, p, lw, false);
-}
-
-namespace dense {
-at::Tensor graph_forward(const at::Tensor& image, const at::Tensor& positions, const GraphParams& p) {
-  return graph_forward_impl(image, positions, p, true);
-}
-at::Tensor graph_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& image,
-                          const at::Tensor& positions, const GraphParams& p) {
-  return graph_backward_impl(grad_rows, rows, image, positions, p, true);
-}
-at::Tensor loss_forward(const at::Tensor& sr, const at::Tensor& hr, const at::Tensor& positions,
-                        const GraphParams& p, const LossWeights& lw) {
-  return loss_forward_impl(sr, hr, positions, p, lw, true);
-}
-at::Tensor loss_backward(const at::Tensor& grad, const at::Tensor& sr, const at::Tensor& hr,
-                         const at::Tensor& positions, const GraphParams& p, const LossWeights& lw) {
-  return loss_backward_impl(grad, sr, hr, positions, p, lw, true);
-}
-std::tuple<at::Tensor, at::Tensor> loss_with_grad(const at::Tensor& sr, const at::Tensor& hr,
-                                                  const at::Tensor& positions, const GraphParams& p,
-                                                  const LossWeights& lw) {
-  return loss_with_grad_impl(sr, hr, positions, p, lw, true);
-}
-}  // namespace dense
 
 std::vector<int64_t> shared_memory_plan(int64_t channels, int64_t search, int64_t patch, const GraphParams& p,
                                         int64_t mode, bool fast_grad, int64_t elem_bytes, int64_t static_bytes,

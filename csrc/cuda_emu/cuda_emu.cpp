@@ -218,7 +218,8 @@ void run_grid(KernelId kernel, dim3 grid, dim3 block, int64_t shared_bytes, cons
   r.block.block_dim = block;
   r.block.grid_dim = grid;
   for (int64_t t = 0; t < threads; ++t) {
-    r.fibers[t].state.thread = dim3(t % block.x, (t / block.x) % block.y, t / (static_cast<int64_t>(block.x) * block.y));
+    const int64_t plane = static_cast<int64_t>(block.x) * block.y;
+    r.fibers[t].state.thread = dim3(t % block.x, (t / block.x) % block.y, t / plane);
   }
   active = &r;
   std::string error;

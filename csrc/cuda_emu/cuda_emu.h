@@ -35,7 +35,7 @@
 #include <functional>
 #include <type_traits>
 
-// ---- CUDA keywords ------------------------------------------------------------------------------------------------
+// ---- CUDA keywords -----------------------------------------------------------------------------------------------
 #define __global__
 #define __device__
 #define __host__
@@ -134,7 +134,7 @@ inline std::common_type_t<A, B> max(A a, B b) {
   return a < b ? b : a;
 }
 
-// ---- runtime API ------------------------------------------------------------------------------------------------------
+// ---- runtime API -------------------------------------------------------------------------------------------------
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
