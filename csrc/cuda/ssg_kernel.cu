@@ -1143,6 +1143,15 @@ RowIndex index_rows(const at::Tensor& positions, int64_t B, int64_t H, int64_t W
   return index;
 }
 
+// out (B, C, H, W) = gpad (B, C, H + 2 pad, W + 2 pad) with the reflect padding folded back.
+template <typename scalar_t, typename acc_t>
+void fold_padding(const Geometry& g, const at::Tensor& gpad, at::Tensor& out, cudaStream_t stream) {
+  const int64_t total = out.numel();
+  METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
+      g, gpad.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Deterministic image gradient from the weights w (N, K) of every row.
 at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& w,
                                   const GraphParams& p, cudaStream_t stream) {
@@ -1165,10 +1174,7 @@ at::Tensor deterministic_gradient(const at::Tensor& x, const at::Tensor& positio
         g, x.data_ptr<scalar_t>(), w.data_ptr<acc_t>(), keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
         map.data_ptr<int>(), N, gpad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t total = B * C * H * W;
-    METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
-        g, gpad.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fold_padding<scalar_t, acc_t>(g, gpad, out, stream);
   });
   return out;
 }
@@ -1253,10 +1259,7 @@ at::Tensor dense_gradient(const at::Tensor& x, const RowIndex& index, const at::
         g, x.data_ptr<scalar_t>(), index.map.data_ptr<int>(), wsum.data_ptr<acc_t>(), N, tiles_x,
         gpad.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t total = B * C * H * W;
-    METAF2N_LAUNCH(static_cast<unsigned>((total + 255) / 256), 256, 0, stream, fold_kernel<scalar_t, acc_t>)(
-        g, gpad.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fold_padding<scalar_t, acc_t>(g, gpad, out, stream);
   });
   return out;
 }
