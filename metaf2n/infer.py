@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
 from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
-from metaf2n.faces.detect import HaarFaceDetector
+from metaf2n.faces.detect import DETECTOR_HELP, LandmarkFaceDetector, check_detector_spec, load_detector
 from metaf2n.faces.restorers import NetworkRestorer, load_restorer
-from metaf2n.faces.retinaface import RetinaFaceDetector
 from metaf2n.inference import (
     adapt_to_faces,
     face_preview,
@@ -97,11 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a metaf2n checkpoint (OUT/checkpoints/latest.pt) or a Real-ESRGAN RRDBNet x4plus one")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights when it has them")
     faces = parser.add_argument_group("faces")
-    faces.add_argument("--detector", default="haar",
-                       help="haar (OpenCV's cascade, square crops) or retinaface:PATH (RetinaFace weights, e.g. "
-                            "detection_Resnet50_Final.pth: five landmarks, faces aligned to the FFHQ template)")
+    faces.add_argument("--detector", default="auto",
+                       help=DETECTOR_HELP + "; faces with landmarks are aligned to the FFHQ template (default auto)")
     faces.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan",
-                       help="FFHQ template for aligned faces (retinaface detector)")
+                       help="FFHQ template for aligned faces (mtcnn and retinaface detectors)")
     faces.add_argument("--restorer", help="gfpgan:PATH (GFPGANv1.3/1.4.pth), gpen:PATH (GPEN-BFR-512/256.pth) or "
                                           "torchscript:PATH / PATH (a TorchScript export)")
     faces.add_argument("--restorer-range", default="0,1", help="the restorer's value range, e.g. -1,1 (default 0,1)")
@@ -110,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument("--face-lq", help="precomputed LR faces, files named after the photo (NAME.png or NAME_k.png)")
     faces.add_argument("--face-hq", help="their pseudo-HQ faces, same names")
     faces.add_argument("--face-margin", type=float, default=1.5, help="crop side / detected box side (default 1.5)")
-    faces.add_argument("--min-face", type=int, default=24, help="smallest face side to detect, LR pixels (default 24)")
+    faces.add_argument("--min-face", type=int, default=None,
+                       help="smallest face side to detect, LR pixels (default: 24 for haar, 20 for mtcnn)")
     adapt = parser.add_argument_group("adaptation")
     adapt.add_argument("--patches", type=int, default=16, help="16 -> 64 px patch pairs pooled over the faces")
     adapt.add_argument("--steps", type=int, default=1, help="inner SGD steps (default 1; 0 disables adaptation)")
@@ -123,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "
-                          "(retinaface detector)")
+                          "(mtcnn and retinaface detectors)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -132,17 +131,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     try:
         check_folders(args, ("face_lq", "face_hq"))
         args.restorer_range = parse_value_range(args.restorer_range, "--restorer-range")
+        check_detector_spec(args.detector)
     except ValueError as error:
         parser.error(str(error))
-    if args.detector != "haar":
-        kind, _, path = args.detector.partition(":")
-        if kind != "retinaface" or not path:
-            parser.error(f"--detector must be haar or retinaface:PATH, got {args.detector!r}")
-        if not Path(path).is_file():
-            parser.error(f"--detector weights {path!r} are not a file")
     for name, minimum in (("patches", 1), ("steps", 0), ("tile", 0), ("tile_overlap", 0), ("restorer_size", 16),
                           ("min_face", 1)):
-        if getattr(args, name) < minimum:
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     if args.inner_lr is not None and not args.inner_lr >= 0:
         parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
@@ -170,7 +164,7 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
             pairs = faces_from_files(lq_files, hq_files, read_image)
     elif restorer is None:
         record["reason"] = "no pseudo-HQ faces: give --restorer or --face-lq/--face-hq"
-    elif isinstance(detector, RetinaFaceDetector):
+    elif isinstance(detector, LandmarkFaceDetector):
         rgb = (photo.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()
         detections = detector.detect_faces(rgb)
         record["faces_found"] = len(detections)
@@ -234,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
         if isinstance(restorer, NetworkRestorer):
             args.restorer_size = restorer.size
-    if args.detector == "haar":
-        detector = HaarFaceDetector(min_size=args.min_face)
-    else:
+    detector = None
+    if args.steps > 0 and args.face_lq is None:
         try:
-            detector = RetinaFaceDetector(args.detector.partition(":")[2], device)
+            detector = load_detector(args.detector, device, args.min_face)
         except ValueError as error:
             parser.error(f"--detector: {error}")
     out_dir = Path(args.out)

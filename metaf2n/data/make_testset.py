@@ -109,7 +109,7 @@ def make_testset(
 ) -> Path:
     """Write the test set (see the module doc) to ``out`` atomically (a temporary sibling folder renamed).
 
-    With a ``detector`` (a :class:`~metaf2n.faces.retinaface.RetinaFaceDetector`), ``Face_LQ``/``Face_HQ`` are cut as
+    With a ``detector`` (a :class:`~metaf2n.faces.detect.LandmarkFaceDetector`: MTCNN or RetinaFace), ``Face_LQ``/``Face_HQ`` are cut as
     ``metaf2n.infer`` cuts them: the first detected face of the LQ photo aligned by its landmarks to the ``template``
     (LQ face 128 px, HQ face 512 px: the GT under the same alignment, or the restorer's output); a photo where nothing
     is detected keeps the pasted face's square, and ``manifest.json`` says which photos those are."""
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face-max", type=int, default=256)
     parser.add_argument("--restorer", help="gfpgan:PATH, gpen:PATH or torchscript:PATH for Face_HQ (default: the GT face)")
     parser.add_argument("--restorer-range", default="0,1")
-    parser.add_argument("--detector", help="retinaface:PATH: cut Face_LQ/Face_HQ by detection + alignment, as infer "
-                                           "does (default: the pasted face's square)")
+    parser.add_argument("--detector", help="mtcnn[:PATH] or retinaface:PATH: cut Face_LQ/Face_HQ by detection + "
+                                           "alignment, as infer does (default: the pasted face's square)")
     parser.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
@@ -209,15 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     detector = None
     if args.detector:
-        kind, _, weights = args.detector.partition(":")
-        if kind != "retinaface" or not Path(weights).is_file():
-            parser.error(f"--detector must be retinaface:PATH with an existing file, got {args.detector!r}")
-        from metaf2n.faces.retinaface import RetinaFaceDetector
+        from metaf2n.faces.detect import LandmarkFaceDetector, load_detector
 
         try:
-            detector = RetinaFaceDetector(weights)
+            detector = load_detector(args.detector)
         except ValueError as error:
             parser.error(f"--detector: {error}")
+        if not isinstance(detector, LandmarkFaceDetector):
+            parser.error(f"--detector must find landmarks (mtcnn or retinaface), got {args.detector!r}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,

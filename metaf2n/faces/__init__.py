@@ -1,12 +1,20 @@
-"""Faces in real photos: detection (Haar, RetinaFace), five-point FFHQ alignment, and the GFPGAN / GPEN restorers
+"""Faces in real photos: detection (Haar, RetinaFace, MTCNN), five-point FFHQ alignment, and the GFPGAN / GPEN restorers
 loading their released weights."""
 
 from metaf2n.faces.align import alignment, paste_face, template_alignment, warp_face
-from metaf2n.faces.detect import FaceDetector, HaarFaceDetector, detect_faces, square_around
+from metaf2n.faces.detect import (
+    Detection,
+    FaceDetector,
+    HaarFaceDetector,
+    LandmarkFaceDetector,
+    detect_faces,
+    square_around,
+)
 from metaf2n.faces.gfpgan import GFPGANv1Clean
 from metaf2n.faces.gpen import GPEN
 from metaf2n.faces.restorers import NetworkRestorer, load_restorer
-from metaf2n.faces.retinaface import Detection, RetinaFace, RetinaFaceDetector
+from metaf2n.faces.mtcnn import MTCNNDetector
+from metaf2n.faces.retinaface import RetinaFace, RetinaFaceDetector
 
 __all__ = [
     "Detection",
@@ -14,6 +22,8 @@ __all__ = [
     "GFPGANv1Clean",
     "GPEN",
     "HaarFaceDetector",
+    "LandmarkFaceDetector",
+    "MTCNNDetector",
     "NetworkRestorer",
     "RetinaFace",
     "RetinaFaceDetector",

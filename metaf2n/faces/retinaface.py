@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaf2n.faces.detect import Box, FaceDetector
+from metaf2n.faces.detect import Detection, LandmarkFaceDetector
 
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
@@ -190,20 +189,7 @@ def decode_landmarks(offsets: torch.Tensor, priors: torch.Tensor) -> torch.Tenso
     return priors[:, None, :2] + points * VARIANCES[0] * priors[:, None, 2:]
 
 
-@dataclass
-class Detection:
-    """A face: ``box`` (x0, y0, x1, y1) and ``landmarks`` (5, 2) in pixels (eyes, nose, mouth corners), ``score``."""
-
-    box: np.ndarray
-    landmarks: np.ndarray
-    score: float
-
-    def xywh(self) -> Box:
-        x0, y0, x1, y1 = self.box
-        return int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))
-
-
-class RetinaFaceDetector(FaceDetector):
+class RetinaFaceDetector(LandmarkFaceDetector):
     """RetinaFace weights from ``path`` (``detection_Resnet50_Final.pth`` or ``detection_mobilenet0.25_Final.pth``;
     the backbone is recognised from the file) behind :class:`FaceDetector`; :meth:`detect_faces` adds landmarks."""
 
@@ -225,8 +211,7 @@ class RetinaFaceDetector(FaceDetector):
     def detect_faces(self, rgb: np.ndarray) -> list[Detection]:
         from torchvision.ops import nms
 
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError("rgb must be an (H, W, 3) uint8 array")
+        self.check_image(rgb)
         height, width = rgb.shape[:2]
         bgr = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1])).float()
         x = (bgr - torch.tensor(BGR_MEAN)).permute(2, 0, 1)[None].to(self.device)
@@ -240,7 +225,3 @@ class RetinaFaceDetector(FaceDetector):
         scores = scores[keep]
         order = nms(boxes, scores, self.nms_iou)
         return [Detection(boxes[i].numpy(), points[i].numpy(), float(scores[i])) for i in order.tolist()]
-
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        faces = sorted(self.detect_faces(rgb), key=lambda d: -(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
-        return [face.xywh() for face in faces]
