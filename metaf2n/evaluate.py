@@ -71,7 +71,7 @@ def labelled(image: torch.Tensor, label: str) -> torch.Tensor:
     from PIL import Image, ImageDraw
 
     band = Image.new("RGB", (image.shape[2], LABEL_HEIGHT), "white")
-    ImageDraw.Draw(band).text((2, 1), label, fill="black")
+    ImageDraw.Draw(band).text((2, 1), label.replace(" ", "  "), fill="black")  # the default font's space is thin
     band_tensor = torch.from_numpy(np.asarray(band).copy()).permute(2, 0, 1).float() / 255
     return torch.cat([band_tensor, image], dim=1)
 
