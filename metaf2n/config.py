@@ -17,6 +17,7 @@ import yaml
 
 from metaf2n.checks import parse_value_range, require_choice, require_int, require_number
 from metaf2n.maml import MetaConfig
+from metaf2n.models.masknet import UPSAMPLINGS
 from metaf2n.precision import PRECISIONS
 
 # The model and data sizes of each preset (see the README for what they are for).
@@ -69,7 +70,9 @@ class TrainConfig(MetaConfig):
     num_block: int = 23
     num_grow_ch: int = 32
     masknet_feat: int = 64
+    masknet_upsample: str = "torch"
     d_num_feat: int = 64
+    init: str | None = None
     init_sr: str | None = None
     init_d: str | None = None
     lpips_weights: str | None = None
@@ -104,6 +107,9 @@ class TrainConfig(MetaConfig):
     def _check(self) -> None:
         require_choice("preset", self.preset, tuple(PRESETS))
         require_choice("precision", self.precision, PRECISIONS)
+        require_choice("masknet_upsample", self.masknet_upsample, UPSAMPLINGS)
+        if self.init and self.init_sr:
+            raise ValueError("init and --init-sr both set the SR weights: give one of them")
         positive = ("tasks", "face_patches", "background_patches", "face_patch_size", "face_size",
                     "background_patch_size", "background_crop_size", "num_feat", "num_grow_ch", "masknet_feat",
                     "d_num_feat", "steps", "ckpt_every", "val_every", "val_tasks", "max_skips")
@@ -167,9 +173,13 @@ def make_config(base: dict, overrides: dict) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-def resolve(cli: dict, checkpoint_config: dict | None = None) -> TrainConfig:
+ARCHITECTURE = ("num_feat", "num_block", "num_grow_ch", "masknet_feat", "masknet_upsample")
+
+
+def resolve(cli: dict, checkpoint_config: dict | None = None, init_config: dict | None = None) -> TrainConfig:
     """The effective config from explicitly given flags ``cli`` (plus ``config``, a YAML path) or, on resume, from
-    the checkpoint's config updated by those flags."""
+    the checkpoint's config updated by those flags. ``init_config`` (the config of an ``--init`` checkpoint) gives
+    the networks' sizes and MaskNet's input over the preset's; a YAML file and flags still win."""
     cli = dict(cli)
     yaml_path = cli.pop("config", None)
     file_values = load_yaml(yaml_path) if yaml_path else {}
@@ -178,7 +188,8 @@ def resolve(cli: dict, checkpoint_config: dict | None = None) -> TrainConfig:
     preset = cli.get("preset", file_values.get("preset", "demo"))
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    return make_config({}, {**PRESETS[preset], "preset": preset, **file_values, **cli})
+    architecture = {k: init_config[k] for k in ARCHITECTURE if k in (init_config or {})}
+    return make_config({}, {**PRESETS[preset], **architecture, "preset": preset, **file_values, **cli})
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

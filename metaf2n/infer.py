@@ -35,6 +35,7 @@ from metaf2n.inference import (
     faces_from_photo,
     load_model,
     sample_face_patches,
+    sample_official_patches,
     tiled_super_resolve,
 )
 from metaf2n.io import append_jsonl, atomic_write_text
@@ -111,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument("--min-face", type=int, default=None,
                        help="smallest face side to detect, LR pixels (default: 24 for haar, 20 for mtcnn)")
     adapt = parser.add_argument_group("adaptation")
-    adapt.add_argument("--patches", type=int, default=16, help="16 -> 64 px patch pairs pooled over the faces")
+    adapt.add_argument("--patches", type=int, default=16,
+                       help="16 -> 64 px patch pairs pooled over the faces (per face with --official-test)")
+    adapt.add_argument("--official-test", action="store_true",
+                       help="MetaF2N's own test step: --patches per face file (a face of <= 16 LR pixels is used whole "
+                            "only when it comes first), the whole photo in one pass (no tiles)")
     adapt.add_argument("--steps", type=int, default=1, help="inner SGD steps (default 1; 0 disables adaptation)")
     adapt.add_argument("--inner-lr", type=float, default=None, help="default: the checkpoint's training config")
     run = parser.add_argument_group("run")
@@ -182,9 +187,14 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
             record["reason"] = "no face detected"
     params = None
     if pairs:
-        lr_groups, hq_groups = sample_face_patches(pairs, args.patches, generator)
+        faces_used = len(pairs)
+        if args.official_test:
+            lr_groups, hq_groups, coordinates = sample_official_patches(pairs, args.patches, generator)
+            faces_used = len({face for face, _, _ in coordinates})
+        else:
+            lr_groups, hq_groups = sample_face_patches(pairs, args.patches, generator)
         adaptation = adapt_to_faces(model, lr_groups, hq_groups, args.steps, args.inner_lr, args.precision)
-        record.update(faces_used=len(pairs), patches=sum(len(g) for g in lr_groups),
+        record.update(faces_used=faces_used, patches=sum(len(g) for g in lr_groups),
                       inner_before=adaptation.inner_before, inner_after=adaptation.inner_after)
         if np.isfinite(adaptation.inner_after) and all(torch.isfinite(p).all() for p in adaptation.params.values()):
             params = adaptation.params
@@ -194,8 +204,8 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
     if record["reason"]:
         logger.warning("%s: not adapted (%s); using the un-adapted model", path.name, record["reason"])
     bar = None if args.quiet else (lambda cores: tqdm(cores, desc=f"{path.name} tiles", leave=False, unit="tile"))
-    sr = tiled_super_resolve(model.sr, photo[None].to(device), params, args.tile, args.tile_overlap,
-                             args.precision, bar)
+    tile = 0 if args.official_test else args.tile
+    sr = tiled_super_resolve(model.sr, photo[None].to(device), params, tile, args.tile_overlap, args.precision, bar)
     output = out_dir / f"{path.stem}.png"
     save_png(output, (sr[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     record["output"] = output.name

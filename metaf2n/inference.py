@@ -50,8 +50,9 @@ class SRModel:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = False) -> SRModel:
-    """A metaf2n training checkpoint (``sr``, ``masknet``, ``config``; ``ema`` picks ``sr_ema`` when present) or a
-    Real-ESRGAN RRDBNet x4plus checkpoint (``params_ema``/``params``/bare; no MaskNet, inner lr 1e-2)."""
+    """A metaf2n checkpoint (``sr``, ``masknet``, ``config``: a training run's, or an official MetaF2N one converted
+    by ``python -m metaf2n.weights metaf2n-tf``; ``ema`` picks ``sr_ema`` when present) or a Real-ESRGAN RRDBNet
+    x4plus checkpoint (``params_ema``/``params``/bare; no MaskNet, inner lr 1e-2)."""
     if not os.path.isfile(path):
         raise ValueError(f"--checkpoint {os.fspath(path)!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -59,7 +60,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", ema:
         config = state["config"]
         sr = RRDBNet(num_feat=config["num_feat"], num_block=config["num_block"], num_grow_ch=config["num_grow_ch"])
         sr.load_state_dict(state["sr_ema"] if ema and state.get("sr_ema") else state["sr"])
-        masknet = MaskNet(num_feat=config["masknet_feat"])
+        masknet = MaskNet(num_feat=config["masknet_feat"], upsample=config.get("masknet_upsample", "torch"))
         masknet.load_state_dict(state["masknet"])
         model = SRModel(sr, masknet, float(config["inner_lr"]), "metaf2n")
     else:
@@ -186,6 +187,52 @@ def sample_face_patches(
             lr_groups.append(pair.lr[None])
             hq_groups.append(pair.hq[None])
     return lr_groups, hq_groups
+
+
+PatchCoordinates = list[tuple[int, int, int]]
+
+
+def sample_official_patches(
+    pairs: Sequence[FacePair],
+    per_face: int,
+    generator: torch.Generator | None,
+    lr_patch: int = 16,
+    coordinates: PatchCoordinates | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], PatchCoordinates]:
+    """The official MetaF2N test's patches (its ``test.py``): for each face in order, ``per_face`` aligned LR/HQ
+    patch pairs (``lr_patch`` -> 4x) at offsets drawn uniformly from ``[0, side - lr_patch)`` (the upper bound
+    excluded, as Python's ``random.randrange``). A face whose LR height or width is <= ``lr_patch`` is used whole if
+    no patch has been taken yet, and ends the list; otherwise it is skipped.
+
+    ``coordinates`` (``(face index, top, left)`` in LR pixels) replaces the draw, so that a test can feed two
+    implementations the same patches. Returns the LR and HQ batches (one group) and the coordinates used
+    (``(face, 0, 0)`` for a whole face)."""
+    if per_face < 1:
+        raise ValueError(f"per_face must be >= 1, got {per_face}")
+    hq_patch = SCALE * lr_patch
+    if coordinates is not None:
+        for face, top, left in coordinates:
+            pair = pairs[face]
+            if not (0 <= top <= pair.lr.shape[-2] - lr_patch and 0 <= left <= pair.lr.shape[-1] - lr_patch):
+                raise ValueError(f"patch ({face}, {top}, {left}) does not fit face {face} of {tuple(pair.lr.shape)}")
+    else:
+        coordinates = []
+        for index, pair in enumerate(pairs):
+            height, width = pair.lr.shape[-2:]
+            if height <= lr_patch or width <= lr_patch:
+                if not coordinates:
+                    return [pair.lr[None]], [pair.hq[None]], [(index, 0, 0)]
+                continue
+            for _ in range(per_face):
+                top = int(torch.randint(0, height - lr_patch, (), generator=generator))
+                left = int(torch.randint(0, width - lr_patch, (), generator=generator))
+                coordinates.append((index, top, left))
+    if not coordinates:
+        return [], [], []
+    lrs = [pairs[f].lr[:, t : t + lr_patch, l : l + lr_patch] for f, t, l in coordinates]
+    hqs = [pairs[f].hq[:, SCALE * t : SCALE * t + hq_patch, SCALE * l : SCALE * l + hq_patch]
+           for f, t, l in coordinates]
+    return [torch.stack(lrs)], [torch.stack(hqs)], list(coordinates)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Per task t of a :class:`~metaf2n.data.TaskBatch` (one photo, one degradation):
 
-1. ``W = masknet(clamp(bicubic_x4(face_lr), 0, 1), face_pseudo)``, once per task;
+1. ``W = masknet(up(face_lr), face_pseudo)``, once per task (``up``: bicubic x4 as the MaskNet expects it, see
+   :meth:`~metaf2n.models.MaskNet.upsample_lr`);
 2. ``inner(theta) = mean(W * |sr_theta(face_lr) - face_pseudo|)`` and ``inner_steps`` SGD steps
    ``theta_{k+1} = theta_k - inner_lr * g_k``:
 
@@ -27,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -111,8 +111,7 @@ def timed(timings: dict[str, float] | None, name: str, device: torch.device):
 
 def face_weights(masknet: nn.Module, face_lr: torch.Tensor, face_pseudo: torch.Tensor) -> torch.Tensor:
     """MaskNet's per-pixel weights (P,1,H,W) from LR faces (P,3,h,w) and their pseudo labels (P,3,H,W)."""
-    up = F.interpolate(face_lr, size=face_pseudo.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    return masknet(up, face_pseudo)
+    return masknet(masknet.upsample_lr(face_lr, tuple(face_pseudo.shape[-2:])), face_pseudo)
 
 
 Faces = torch.Tensor | Sequence[torch.Tensor]

@@ -3,6 +3,7 @@
     python -m metaf2n.train                              # the demo preset on the embedded demo set
     python -m metaf2n.train --preset paper --faces FFHQ --backgrounds DF2K --init-sr RealESRGAN_x4plus.pth
     python -m metaf2n.train --out runs/demo --resume      # continue runs/demo/checkpoints/latest.pt
+    python -m metaf2n.train --preset paper --init metaf2n_official.pt --faces FFHQ --backgrounds DF2K ...
     torchrun --nproc_per_node 8 -m metaf2n.train --preset paper ...
 """
 
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.get("out") or resolve({k: v for k, v in args.items() if k in ("config", "preset", "out")}).out
                 resume = RunFiles(out).latest
             checkpoint_config = load_checkpoint(resume)["config"]
-        config = resolve(args, checkpoint_config)
+        init_config = None
+        if checkpoint_config is None and args.get("init"):
+            init_config = load_checkpoint(args["init"], "--init").get("config")
+        config = resolve(args, checkpoint_config, init_config)
         dist_info = init_from_env("cuda" if config.device.startswith("cuda") or (
             config.device == "auto" and __import__("torch").cuda.is_available()) else "cpu")
         train(config, resume=resume, dist_info=dist_info, show_progress=not quiet)

@@ -124,8 +124,10 @@ class MetaTrainer:
         self.device = resolve_device(config.device, dist_info)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.sr = RRDBNet(num_feat=config.num_feat, num_block=config.num_block, num_grow_ch=config.num_grow_ch)
-        self.masknet = MaskNet(num_feat=config.masknet_feat)
+        self.masknet = MaskNet(num_feat=config.masknet_feat, upsample=config.masknet_upsample)
         self.disc = UNetDiscriminatorSN(num_feat=config.d_num_feat) if config.w_gan > 0 else None
+        if config.init:
+            load_init(self.sr, self.masknet, config.init)
         if config.init_sr:
             load_pretrained(self.sr, config.init_sr)
         if config.init_d:
@@ -371,10 +373,28 @@ class RunFiles:
         return self.samples / f"step_{step:08d}.png"
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_init(sr: torch.nn.Module, masknet: torch.nn.Module, path: str | os.PathLike) -> None:
+    """SR and MaskNet weights from a metaf2n checkpoint (a run's, or a converted official one) for ``--init``."""
+    state = load_checkpoint(path, "--init")
+    if not {"sr", "masknet"} <= set(state):
+        raise ValueError(f"--init {os.fspath(path)!r} is not a metaf2n checkpoint (no sr, masknet and config; for a "
+                         "plain RRDBNet use --init-sr)")
+    for name, module in (("sr", sr), ("masknet", masknet)):
+        try:
+            module.load_state_dict(state[name], strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"--init {os.fspath(path)!r}: its {name} does not fit this run's sizes "
+                             f"({str(error).splitlines()[0]})") from None
+    logger.info("SR and MaskNet start from %s (fresh optimisers)", os.fspath(path))
+
+
+def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"--resume: no checkpoint at {os.fspath(path)!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"{flag}: no checkpoint at {os.fspath(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{flag} {os.fspath(path)!r} is not a metaf2n checkpoint (it has no config)")
+    return state
 
 
 def _truncate_log(files: RunFiles, step: int, warmup_step: int) -> None:

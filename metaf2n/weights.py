@@ -14,6 +14,9 @@ code, checks them, and caches the result atomically under ``$METAF2N_CACHE`` (de
 * ``python -m metaf2n.weights mtcnn``: MTCNN's P/R/O-Net from the ``facenet-pytorch==2.6.0`` wheel (MIT,
   ``facenet_pytorch/data/{pnet,rnet,onet}.pt``, sha256 checked) -> ``mtcnn_facenet.pth``.
 * ``python -m metaf2n.weights all``: the three.
+
+``python -m metaf2n.weights metaf2n-tf CKPT_PREFIX -o OUT.pt`` converts an official MetaF2N TensorFlow checkpoint
+(which you download yourself) into a metaf2n checkpoint, without TensorFlow (:mod:`metaf2n.convert_tf`).
 """
 
 from __future__ import annotations
@@ -293,9 +296,22 @@ def main(argv: list[str] | None = None) -> int:
         elif name != "all":
             wheel = REALESRGAN_WHEEL if name == "realesrgan" else MTCNN_WHEEL
             route.add_argument("--wheel", help=f"an already downloaded {wheel}")
+    official = sub.add_parser("metaf2n-tf", help="convert an official MetaF2N TensorFlow checkpoint (no TensorFlow)",
+                              description="Convert the official MetaF2N TensorFlow checkpoint PREFIX (PREFIX.index + "
+                                          "PREFIX.data-*) into a metaf2n checkpoint.")
+    official.add_argument("prefix", metavar="CKPT_PREFIX", help="e.g. pretrained_models/model-new")
+    official.add_argument("-o", "--out", required=True, help="the metaf2n checkpoint to write (.pt)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.what == "metaf2n-tf":
+            from metaf2n.convert_tf import convert_official
+
+            checkpoint = convert_official(args.prefix)
+            atomic_torch_save(args.out, checkpoint)
+            config = checkpoint["config"]
+            print(f"MetaF2N ({config['num_block']} blocks x {config['num_feat']} features, MaskNet "
+                  f"{config['masknet_feat']}; MaskNet fed TF1 bicubic): {args.out}")
         if args.what in ("lpips", "all"):
             path = fetch_lpips_alexnet(args.cache, getattr(args, "archive", None), args.download_dir)
             print(f"LPIPS AlexNet weights: {path}")
