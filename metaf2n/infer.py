@@ -28,6 +28,7 @@ from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
 from metaf2n.faces.detect import DETECTOR_HELP, LandmarkFaceDetector, check_detector_spec, load_detector
 from metaf2n.faces.restorers import NetworkRestorer, load_restorer
 from metaf2n.inference import (
+    FacePair,
     adapt_to_faces,
     face_preview,
     faces_from_files,
@@ -82,6 +83,11 @@ def read_rgb_photo(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
 
 
+def uint8_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255
+
+
 def face_files(folder: Path, stem: str) -> list[Path]:
     """``folder/STEM.ext`` or ``folder/STEM_k.ext`` (several faces of one photo), sorted."""
     found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
@@ -99,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     faces = parser.add_argument_group("faces")
     faces.add_argument("--detector", default="auto",
                        help=DETECTOR_HELP + "; faces with landmarks are aligned to the FFHQ template (default auto)")
-    faces.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan",
-                       help="FFHQ template for aligned faces (mtcnn and retinaface detectors)")
+    faces.add_argument("--face-recipe", choices=("metaf2n", "aligned"), default="metaf2n",
+                       help="faces from landmarks: metaf2n (MetaF2N's face pairs: LQ box crops and the restored face "
+                            "pasted back x4, as python -m metaf2n.data.face_pairs; the default) or aligned (LQ face "
+                            "aligned to the template at a quarter of the restorer's size, and its restoration)")
+    faces.add_argument("--template", choices=("gfpgan", "gpen"), default=None,
+                       help="FFHQ template and official pipeline for landmark faces (default gpen for the metaf2n "
+                            "recipe, gfpgan for aligned); it also picks RetinaFace's post-processing")
+    faces.add_argument("--det-threshold", type=float, default=None,
+                       help="RetinaFace's score threshold (default: the pipeline's, 0.97 for gfpgan, 0.9 for gpen) and "
+                            "the metaf2n recipe's skip rule (default 0.9)")
     faces.add_argument("--restorer", help="gfpgan:PATH (GFPGANv1.3/1.4.pth), gpen:PATH (GPEN-BFR-512/256.pth) or "
                                           "torchscript:PATH / PATH (a TorchScript export)")
     faces.add_argument("--restorer-range", default="0,1", help="the restorer's value range, e.g. -1,1 (default 0,1)")
@@ -143,6 +157,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                           ("min_face", 1)):
         if getattr(args, name) is not None and getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    if args.template is None:
+        args.template = "gpen" if args.face_recipe == "metaf2n" else "gfpgan"
+    if args.det_threshold is not None and not 0 <= args.det_threshold <= 1:
+        parser.error(f"--det-threshold must be in [0, 1], got {args.det_threshold}")
     if args.inner_lr is not None and not args.inner_lr >= 0:
         parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
 
@@ -169,6 +187,16 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
             pairs = faces_from_files(lq_files, hq_files, read_image)
     elif restorer is None:
         record["reason"] = "no pseudo-HQ faces: give --restorer or --face-lq/--face-hq"
+    elif isinstance(detector, LandmarkFaceDetector) and args.face_recipe == "metaf2n":
+        from metaf2n.data.face_pairs import DEFAULT_THRESHOLD, metaf2n_face_pairs
+
+        rgb = (photo.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()
+        threshold = DEFAULT_THRESHOLD if args.det_threshold is None else args.det_threshold
+        box_pairs = metaf2n_face_pairs(rgb, detector, restorer, threshold, args.template)
+        record["faces_found"] = len(box_pairs)
+        pairs = [FacePair(uint8_tensor(p.lq), uint8_tensor(p.hq)) for p in box_pairs]
+        if not pairs:
+            record["reason"] = "no face detected"
     elif isinstance(detector, LandmarkFaceDetector):
         rgb = (photo.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()
         detections = detector.detect_faces(rgb)
@@ -241,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = None
     if args.steps > 0 and args.face_lq is None:
         try:
-            detector = load_detector(args.detector, device, args.min_face)
+            detector = load_detector(args.detector, device, args.min_face, args.template, args.det_threshold)
         except ValueError as error:
             parser.error(f"--detector: {error}")
     out_dir = Path(args.out)

@@ -125,7 +125,7 @@ def faces_from_landmarks(
     affines, faces = [], []
     for marks in landmarks:
         affine = template_alignment(marks, template, restorer_size)
-        face = torch.from_numpy(warp_face(rgb, scaled(affine, 1 / SCALE), lq_size) / 255).permute(2, 0, 1)
+        face = torch.from_numpy(warp_face(rgb, scaled(affine, 1 / SCALE), lq_size, template) / 255).permute(2, 0, 1)
         affines.append(affine)
         faces.append(face.clamp(0, 1).to(photo.device, photo.dtype))
     if not faces:

@@ -291,7 +291,8 @@ def test_infer_with_retinaface_aligns_restores_and_adapts(tmp_path, checkpoint, 
     out = tmp_path / "out"
     code = infer_cli.main([str(tmp_path / "photo.png"), "-o", str(out), "--checkpoint", str(checkpoint),
                            "--detector", f"retinaface:{weights}", "--restorer", str(restorer_file),
-                           "--restorer-range", "-1,1", "--restorer-size", "64", "--face-preview", "--quiet"])
+                           "--restorer-range", "-1,1", "--restorer-size", "64", "--face-preview", "--quiet",
+                           "--face-recipe", "aligned", "--det-threshold", "0.5"])
     assert code == 0
     (record,) = read_jsonl(out / "summary.jsonl")
     assert Image.open(out / record["face_preview"]).size == (384, 384)

@@ -171,7 +171,8 @@ def test_infer_adapts_through_mtcnn_landmarks(mtcnn_file, checkpoint, restorer_f
     out = tmp_path / "out"
     code = infer_cli.main([str(tmp_path / "photo.png"), "-o", str(out), "--checkpoint", str(checkpoint),
                            "--detector", f"mtcnn:{mtcnn_file}", "--restorer", str(restorer_file),
-                           "--restorer-range", "-1,1", "--restorer-size", "64", "--face-preview", "--quiet"])
+                           "--restorer-range", "-1,1", "--restorer-size", "64", "--face-preview", "--quiet",
+                           "--face-recipe", "aligned"])
     assert code == 0
     (record,) = read_jsonl(out / "summary.jsonl")
     assert record["faces_found"] == 1 and record["faces_used"] == 1 and record["adapted"]

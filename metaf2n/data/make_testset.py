@@ -80,7 +80,7 @@ def _aligned_faces(detector, lq: torch.Tensor, gt: torch.Tensor, restorer, templ
 
     def warp(image: torch.Tensor, matrix, size: int) -> torch.Tensor:
         array = image.permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32) * 255
-        return torch.from_numpy(warp_face(array, matrix, size) / 255).permute(2, 0, 1).float().clamp(0, 1)
+        return torch.from_numpy(warp_face(array, matrix, size, template) / 255).permute(2, 0, 1).float().clamp(0, 1)
 
     face_lq = warp(lq, scaled(affine, 0.25), 128)
     if restorer is None:

@@ -3,8 +3,10 @@
 Landmarks are (5, 2) pixel coordinates: left eye, right eye, nose, left and right mouth corners (RetinaFace's order).
 Templates are given for 512 px faces and scaled to the restorer's size:
 
-* :data:`GFPGAN_TEMPLATE_512` (GFPGAN / facexlib), fitted with a partial-affine (similarity) LMEDS estimate;
-* :data:`GPEN_TEMPLATE_512` (GPEN's face-enhancement code), fitted with a least-squares similarity transform.
+* :data:`GFPGAN_TEMPLATE_512` (GFPGAN / facexlib), fitted with a partial-affine (similarity) LMEDS estimate, crops
+  bilinear with facexlib's grey border;
+* :data:`GPEN_TEMPLATE_512` (GPEN's face-enhancement code, computed from its reference points as it does), fitted
+  with a least-squares similarity transform (Umeyama), crops bilinear with a black border.
 
 An affine here is the (2, 3) matrix mapping photo pixels to face pixels (OpenCV's convention for ``warpAffine``).
 """
@@ -14,15 +16,39 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# facexlib's FaceRestoreHelper template for 512 px faces (GFPGAN), all its digits
 GFPGAN_TEMPLATE_512 = np.array(
-    [[192.98, 239.95], [318.90, 240.19], [256.63, 314.02], [201.26, 371.41], [313.09, 371.15]], dtype=np.float64
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
+     [313.08905, 371.15118]], dtype=np.float64
 )
-GPEN_TEMPLATE_512 = np.array(
-    [[202.04, 242.88], [309.43, 242.29], [256.08, 303.96], [211.96, 366.83], [300.89, 366.34]], dtype=np.float64
+# GPEN's align_faces.py: REFERENCE_FACIAL_POINTS on its 96 x 112 crop
+GPEN_REFERENCE_POINTS = np.array(
+    [[30.29459953, 51.69630051], [65.53179932, 51.50139999], [48.02519989, 71.73660278], [33.54930115, 92.3655014],
+     [62.72990036, 92.20410156]], dtype=np.float64
 )
+GPEN_CROP_SIZE = (96, 112)
+
+
+def gpen_reference_points(size: int = 512, inner_padding: float = 0.25) -> np.ndarray:
+    """GPEN's ``get_reference_facial_points((size, size), inner_padding, (0, 0), default_square=True)``: the
+    96 x 112 points shifted to a 112 x 112 square, padded by ``inner_padding`` of the side on each side
+    (``round(112 * inner_padding * 2)`` pixels in all), then scaled to ``size``; float32, as its
+    ``warp_and_crop_face`` casts them."""
+    crop = np.array(GPEN_CROP_SIZE, dtype=np.int64)
+    points = GPEN_REFERENCE_POINTS + (crop.max() - crop) / 2
+    crop = np.full(2, crop.max(), dtype=np.int64)
+    growth = crop * inner_padding * 2
+    points = points + growth / 2
+    crop = crop + np.round(growth).astype(np.int64)
+    points = points * (np.float32(size) / crop[0])
+    return points.astype(np.float32)
+
+
+GPEN_TEMPLATE_512 = gpen_reference_points(512).astype(np.float64)
 FITS = ("lmeds", "least_squares")
 TEMPLATES = {"gfpgan": (GFPGAN_TEMPLATE_512, "lmeds"), "gpen": (GPEN_TEMPLATE_512, "least_squares")}
-BORDER_VALUE = (135, 133, 132)  # facexlib's grey outside the photo
+# Outside the photo: facexlib fills (135, 133, 132) in its BGR images, i.e. RGB (132, 133, 135); GPEN fills black.
+BORDER_VALUES = {"gfpgan": (132, 133, 135), "gpen": (0, 0, 0)}
 
 
 def _check_points(points: np.ndarray, name: str) -> np.ndarray:
@@ -34,16 +60,23 @@ def _check_points(points: np.ndarray, name: str) -> np.ndarray:
 
 def similarity_least_squares(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The (2, 3) similarity (rotation, uniform scale, shift) minimising the squared error source -> target
-    (Umeyama's closed form, no reflection)."""
-    mu_s, mu_t = source.mean(0), target.mean(0)
-    s, t = source - mu_s, target - mu_t
-    cov = t.T @ s / len(source)
-    u, sigma, vt = np.linalg.svd(cov)
-    d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = u @ d @ vt
-    scale = np.trace(np.diag(sigma) @ d) / (s**2).sum(1).mean()
-    shift = mu_t - scale * rotation @ mu_s
-    return np.hstack([scale * rotation, shift[:, None]])
+    (Umeyama's closed form, no reflection), computed in the inputs' dtype and in the order of scikit-image's
+    ``_umeyama``, which GPEN uses on float32 points: bilinear ``warpAffine`` reads coordinates in 1/32 pixel steps,
+    so a last-bit difference in the affine can move a crop's pixel by several levels at a sharp edge."""
+    count = source.shape[0]
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    source_demean, target_demean = source - source_mean, target - target_mean
+    covariance = target_demean.T @ source_demean / count
+    signs = np.ones((2,), dtype=np.float64)
+    if np.linalg.det(covariance) < 0:
+        signs[1] = -1
+    u, sigma, vt = np.linalg.svd(covariance)
+    transform = np.eye(3, dtype=np.float64)
+    transform[:2, :2] = u @ np.diag(signs) @ vt
+    scale = 1.0 / source_demean.var(axis=0).sum() * (sigma @ signs)
+    transform[:2, 2] = target_mean - scale * (transform[:2, :2] @ source_mean.T)
+    transform[:2, :2] *= scale
+    return transform[:2]
 
 
 def alignment(landmarks: np.ndarray, template_512: np.ndarray = GFPGAN_TEMPLATE_512, size: int = 512,
@@ -53,8 +86,8 @@ def alignment(landmarks: np.ndarray, template_512: np.ndarray = GFPGAN_TEMPLATE_
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     source = _check_points(landmarks, "landmarks")
     target = _check_points(template_512, "template_512") * (size / 512.0)
-    if fit == "least_squares":
-        return similarity_least_squares(source, target)
+    if fit == "least_squares":  # GPEN's warp_and_crop_face fits float32 points
+        return similarity_least_squares(source.astype(np.float32), target.astype(np.float32))
     affine, _ = cv2.estimateAffinePartial2D(source, target, method=cv2.LMEDS)
     if affine is None:
         raise ValueError("the landmarks are degenerate: no similarity transform fits them")
@@ -74,10 +107,14 @@ def scaled(affine: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) * factor
 
 
-def warp_face(image: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
-    """The ``size`` x ``size`` aligned face of ``image`` (H, W, 3), bicubic, grey outside the photo."""
-    return cv2.warpAffine(image, np.asarray(affine, dtype=np.float64), (size, size), flags=cv2.INTER_CUBIC,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUE)
+def warp_face(image: np.ndarray, affine: np.ndarray, size: int, template: str = "gfpgan") -> np.ndarray:
+    """The ``size`` x ``size`` aligned face of the RGB ``image`` (H, W, 3), as the ``template``'s pipeline cuts it:
+    ``cv2.warpAffine`` with bilinear interpolation (facexlib passes no flag; GPEN's ``flags=3``, INTER_AREA, is
+    bilinear in warpAffine) and a constant border of :data:`BORDER_VALUES` [template]."""
+    if template not in BORDER_VALUES:
+        raise ValueError(f"template must be one of {tuple(BORDER_VALUES)}, got {template!r}")
+    return cv2.warpAffine(image, np.asarray(affine, dtype=np.float64), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUES[template])
 
 
 def feather(size: int, width: int) -> np.ndarray:
@@ -91,12 +128,13 @@ def feather(size: int, width: int) -> np.ndarray:
 
 
 def paste_face(image: np.ndarray, face: np.ndarray, affine: np.ndarray, feather_fraction: float = 1 / 16) -> np.ndarray:
-    """``image`` (H, W, 3) with ``face`` (s, s, 3), aligned by ``affine`` (image -> face), warped back and blended
-    with a feathered mask. Both uint8 or both float; returns the dtype of ``image``."""
+    """``image`` (H, W, 3) with ``face`` (s, s, 3), aligned by ``affine`` (image -> face), warped back (bilinear,
+    as facexlib and GPEN warp back) and blended with a feathered mask. Both uint8 or both float; returns the dtype of
+    ``image``."""
     size = face.shape[0]
     height, width = image.shape[:2]
     inverse = cv2.invertAffineTransform(np.asarray(affine, dtype=np.float64))
-    back = cv2.warpAffine(face.astype(np.float32), inverse, (width, height), flags=cv2.INTER_CUBIC)
+    back = cv2.warpAffine(face.astype(np.float32), inverse, (width, height), flags=cv2.INTER_LINEAR)
     mask = cv2.warpAffine(feather(size, max(1, int(size * feather_fraction))), inverse, (width, height),
                           flags=cv2.INTER_LINEAR)[..., None]
     out = mask * back + (1 - mask) * image.astype(np.float32)

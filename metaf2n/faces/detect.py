@@ -118,9 +118,12 @@ def check_detector_spec(spec: str) -> tuple[str, str]:
     raise ValueError(f"--detector must be auto, haar, mtcnn, mtcnn:PATH or retinaface:PATH, got {spec!r}")
 
 
-def load_detector(spec: str, device="cpu", min_face: int | None = None) -> FaceDetector:
+def load_detector(spec: str, device="cpu", min_face: int | None = None, template: str = "gfpgan",
+                  threshold: float | None = None) -> FaceDetector:
     """The detector a ``--detector`` value names (see :data:`DETECTOR_HELP`); ``min_face`` is the smallest face side
-    in pixels (None: each detector's default, 24 for Haar, 20 for MTCNN). Raises ValueError naming what is wrong."""
+    in pixels (None: each detector's default, 24 for Haar, 20 for MTCNN). RetinaFace runs the post-processing of the
+    pipeline whose ``template`` is in use (``gfpgan``: facexlib's, score > 0.97; ``gpen``: GPEN's and MetaF2N's,
+    score > 0.9); ``threshold`` overrides its score threshold. Raises ValueError naming what is wrong."""
     kind, path = check_detector_spec(spec)
     if min_face is not None and not min_face >= 1:
         raise ValueError(f"the smallest face side must be >= 1 pixel, got {min_face}")
@@ -145,4 +148,4 @@ def load_detector(spec: str, device="cpu", min_face: int | None = None) -> FaceD
             raise ValueError(str(error)) from None
     from metaf2n.faces.retinaface import RetinaFaceDetector
 
-    return RetinaFaceDetector(path, device)
+    return RetinaFaceDetector(path, device, threshold, recipe="gpen" if template == "gpen" else "facexlib")

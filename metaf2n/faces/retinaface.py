@@ -189,14 +189,50 @@ def decode_landmarks(offsets: torch.Tensor, priors: torch.Tensor) -> torch.Tenso
     return priors[:, None, :2] + points * VARIANCES[0] * priors[:, None, 2:]
 
 
+def nms_plus_one(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """The classic NumPy NMS of GPEN's and MetaF2N's RetinaFace code: greedy by ``scores.argsort()[::-1]``, areas and
+    intersections counted in whole pixels (``x1 - x0 + 1``), a box dropped when its overlap exceeds ``iou``."""
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x1 - x0 + 1) * (y1 - y0 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        best, rest = order[0], order[1:]
+        keep.append(int(best))
+        w = np.maximum(0.0, np.minimum(x1[best], x1[rest]) - np.maximum(x0[best], x0[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y1[best], y1[rest]) - np.maximum(y0[best], y0[rest]) + 1)
+        overlap = w * h / (areas[best] + areas[rest] - w * h)
+        order = rest[overlap <= iou]
+    return keep
+
+
+# How each official pipeline runs RetinaFace after the network: (score threshold, NMS, top-k before and after NMS,
+# the longer side above which the photo is shrunk to 1000 px).
+RECIPES = {
+    # facexlib's get_face_landmarks_5 (GFPGAN): threshold 0.97; candidates sorted by score (numpy argsort, reversed),
+    # then torchvision's NMS at 0.4; no top-k; the photo at its own size.
+    "facexlib": dict(threshold=0.97, nms="torchvision", top_k=None, keep_top_k=None, max_side=None),
+    # GPEN's FaceEnhancement and MetaF2N's generate_test_faces.py: threshold 0.9, top 5000 by score, the +1-pixel
+    # NumPy NMS at 0.4, at most 750 faces; a photo whose longer side exceeds 1500 px is resized (bilinear, float) by
+    # 1000 / side and boxes, landmarks and scores are divided by that factor.
+    "gpen": dict(threshold=0.9, nms="plus_one", top_k=5000, keep_top_k=750, max_side=1500),
+}
+
+
 class RetinaFaceDetector(LandmarkFaceDetector):
     """RetinaFace weights from ``path`` (``detection_Resnet50_Final.pth`` or ``detection_mobilenet0.25_Final.pth``;
-    the backbone is recognised from the file) behind :class:`FaceDetector`; :meth:`detect_faces` adds landmarks."""
+    the backbone is recognised from the file) behind :class:`FaceDetector`; :meth:`detect_faces` adds landmarks.
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", score_threshold: float = 0.5,
-                 nms_iou: float = 0.4) -> None:
+    ``recipe`` picks the official post-processing (:data:`RECIPES`): ``"facexlib"`` (GFPGAN's pipeline) or
+    ``"gpen"`` (GPEN's and MetaF2N's face-pair generator); ``score_threshold`` (None: the recipe's) and ``nms_iou``
+    override it. Detections come in the recipe's order: descending score."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
+                 score_threshold: float | None = None, nms_iou: float = 0.4, recipe: str = "facexlib") -> None:
         from metaf2n.models.checkpoint import extract_state_dict, load_pretrained
 
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
         state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         backbone = "resnet50" if any(k.startswith("body.layer1.") for k in state) else "mobilenet0.25"
         if not any(k.startswith(("body.layer1.", "body.stage1.")) for k in state):
@@ -204,7 +240,11 @@ class RetinaFaceDetector(LandmarkFaceDetector):
                              "ResNet-50 or body.stage1.* for MobileNet-0.25)")
         self.model = load_pretrained(RetinaFace(backbone), path).to(device).eval()
         self.device = torch.device(device)
-        self.score_threshold = float(score_threshold)
+        self.recipe = recipe
+        settings = RECIPES[recipe]
+        self.score_threshold = float(settings["threshold"] if score_threshold is None else score_threshold)
+        if not 0 <= self.score_threshold <= 1:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
         self.nms_iou = float(nms_iou)
 
     @torch.no_grad()
@@ -212,16 +252,28 @@ class RetinaFaceDetector(LandmarkFaceDetector):
         from torchvision.ops import nms
 
         self.check_image(rgb)
-        height, width = rgb.shape[:2]
-        bgr = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1])).float()
-        x = (bgr - torch.tensor(BGR_MEAN)).permute(2, 0, 1)[None].to(self.device)
+        settings = RECIPES[self.recipe]
+        bgr = np.ascontiguousarray(rgb[..., ::-1]).astype(np.float32)
+        shrink = 1.0
+        if settings["max_side"] and max(bgr.shape[:2]) > settings["max_side"]:
+            import cv2
+
+            shrink = 1000.0 / max(bgr.shape[:2])
+            bgr = cv2.resize(bgr, (0, 0), fx=shrink, fy=shrink)
+        height, width = bgr.shape[:2]
+        x = (torch.from_numpy(bgr) - torch.tensor(BGR_MEAN)).permute(2, 0, 1)[None].to(self.device)
         loc, conf, landmarks = (t[0].float().cpu() for t in self.model(x))
         priors = prior_boxes(height, width)
         scale = torch.tensor([width, height], dtype=torch.float32)
-        scores = conf[:, 1]
-        keep = scores > self.score_threshold
-        boxes = decode_boxes(loc[keep], priors[keep]) * scale.repeat(2)
-        points = decode_landmarks(landmarks[keep], priors[keep]) * scale
+        scores = conf[:, 1].numpy()
+        keep = np.where(scores > self.score_threshold)[0]
+        boxes = (decode_boxes(loc[keep], priors[keep]) * scale.repeat(2)).numpy()
+        points = (decode_landmarks(landmarks[keep], priors[keep]) * scale).numpy()
         scores = scores[keep]
-        order = nms(boxes, scores, self.nms_iou)
-        return [Detection(boxes[i].numpy(), points[i].numpy(), float(scores[i])) for i in order.tolist()]
+        order = scores.argsort()[::-1][: settings["top_k"]]
+        boxes, points, scores = boxes[order], points[order], scores[order]
+        if settings["nms"] == "plus_one":
+            kept = nms_plus_one(boxes, scores, self.nms_iou)[: settings["keep_top_k"]]
+        else:
+            kept = nms(torch.from_numpy(boxes), torch.from_numpy(scores), self.nms_iou).tolist()
+        return [Detection(boxes[i] / shrink, points[i] / shrink, float(scores[i]) / shrink) for i in kept]
