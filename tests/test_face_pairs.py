@@ -261,3 +261,18 @@ def test_photos_without_a_face_are_listed_and_skipped(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "Face_LQ").iterdir()) == ["bright_0.png"]
     assert Image.open(tmp_path / "out" / "Face_LQ" / "bright_0.png").size == (27, 27)  # [4 : 30 + 1]
     assert Image.open(tmp_path / "out" / "Face_HQ" / "bright_0.png").size == (108, 108)
+
+
+def test_make_testset_with_a_restorer_cuts_metaf2ns_pairs(pair_setup, tmp_path):
+    from metaf2n.data.make_testset import make_testset
+
+    _, detector_path, restorer_path, _ = pair_setup
+    detector = load_detector(f"retinaface:{detector_path}", template="gpen")
+    restorer = load_restorer(f"gpen:{restorer_path}")
+    out = make_testset(tmp_path / "set", "iid", count=1, seed=0, size=128, face_min=64, face_max=64, progress=False,
+                       detector=detector, restorer=restorer, template="gpen")
+    lq = np.asarray(Image.open(out / "LQ" / "0000.png"))
+    (expected_lq, expected_hq), *_ = expected_pairs(lq, detector, restorer).values()
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "Face_LQ" / "0000.png")), expected_lq)
+    hq = np.asarray(Image.open(out / "Face_HQ" / "0000.png")).astype(int)
+    assert np.abs(hq - expected_hq.astype(int)).max() <= 1

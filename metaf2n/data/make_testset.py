@@ -69,10 +69,21 @@ def make_photo(face: torch.Tensor, background: torch.Tensor, face_side: int, gen
 
 
 def _aligned_faces(detector, lq: torch.Tensor, gt: torch.Tensor, restorer, template: str):
-    """(Face_LQ 128 px, Face_HQ 512 px, box) of the first detected face, aligned as metaf2n.infer aligns it."""
+    """(Face_LQ, Face_HQ, box) of the first detected face: with a ``restorer``, MetaF2N's face pair (the LQ box crop
+    and the restored face pasted back x4); without, the face aligned as ``infer --face-recipe aligned`` aligns it
+    (LQ 128 px) and the ground truth under the same alignment (512 px)."""
     from metaf2n.faces.align import scaled, template_alignment, warp_face
 
     rgb = (lq.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    if restorer is not None:  # real pseudo labels: MetaF2N's own face pairs (python -m metaf2n.data.face_pairs)
+        from metaf2n.data.face_pairs import metaf2n_face_pairs
+
+        pairs = metaf2n_face_pairs(rgb, detector, restorer, template=template)
+        if not pairs:
+            return None
+        x0, y0, x1, y1 = pairs[0].box
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255  # noqa: E731
+        return as_tensor(pairs[0].lq), as_tensor(pairs[0].hq), (y0, x0, max(x1 - x0, y1 - y0) + 1)
     faces = detector.detect_faces(rgb)
     if not faces:
         return None
@@ -109,10 +120,12 @@ def make_testset(
 ) -> Path:
     """Write the test set (see the module doc) to ``out`` atomically (a temporary sibling folder renamed).
 
-    With a ``detector`` (a :class:`~metaf2n.faces.detect.LandmarkFaceDetector`: MTCNN or RetinaFace), ``Face_LQ``/``Face_HQ`` are cut as
-    ``metaf2n.infer`` cuts them: the first detected face of the LQ photo aligned by its landmarks to the ``template``
-    (LQ face 128 px, HQ face 512 px: the GT under the same alignment, or the restorer's output); a photo where nothing
-    is detected keeps the pasted face's square, and ``manifest.json`` says which photos those are."""
+    With a ``detector`` (a :class:`~metaf2n.faces.detect.LandmarkFaceDetector`: MTCNN or RetinaFace), ``Face_LQ``/
+    ``Face_HQ`` come from the first detected face of the LQ photo: with a ``restorer``, MetaF2N's face pair
+    (:func:`metaf2n.data.face_pairs.metaf2n_face_pairs`, as ``metaf2n.infer`` cuts them); without one (ground-truth
+    pseudo labels), the face aligned to the ``template`` (LQ 128 px) and the GT under the same alignment (512 px). A
+    photo where nothing is detected keeps the pasted face's square, and ``manifest.json`` says which photos those
+    are."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     if count < 1:
