@@ -38,6 +38,7 @@ from metaf2n.inference import (
     sample_face_patches,
     sample_official_patches,
     tiled_super_resolve,
+    use_channels_last,
 )
 from metaf2n.io import append_jsonl, atomic_write_text
 from metaf2n.visualize import save_png
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    run.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                     help="the SR network's layout: auto is channels_last on the CPU (1.2-1.4x faster for x4plus) "
+                          "and contiguous (NCHW) elsewhere")
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "
                           "(mtcnn and retinaface detectors)")
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if not paths:
         parser.error("no images found in the inputs")
+    if args.memory_format == "channels_last" or (args.memory_format == "auto" and device.type == "cpu"):
+        use_channels_last(model.sr)
     if model.masknet is None:
         logger.warning("no MaskNet in %s: the face loss is unweighted (W = 1)", args.checkpoint)
     restorer = None

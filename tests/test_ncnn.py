@@ -186,3 +186,17 @@ def test_param_parsing_reads_arrays_and_scalars():
     assert conv.params == {0: 8, 1: 3, 4: 1, 5: 1, 6: 216, 9: 2, 10: [0.25]}
     with pytest.raises(ValueError, match=r"line 4 is not an ncnn layer .*array -23310 announces 2 values, has 1"):
         parse_param(text.replace("-23310=1,", "-23310=2,"))
+
+
+def test_channels_last_inference_equals_nchw_on_x4plus(x4plus_file):
+    """The CPU default layout (infer --memory-format auto) changes the result by float rounding only."""
+    from metaf2n.inference import tiled_super_resolve, use_channels_last
+
+    image = photo("astronaut", 60, 150, 48)
+    model = load_pretrained(RRDBNet(), x4plus_file).eval()
+    nchw = tiled_super_resolve(model, image, tile=0)
+    fast = use_channels_last(load_pretrained(RRDBNet(), x4plus_file).eval())
+    assert fast.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (tiled_super_resolve(fast, image, tile=0) - nchw).abs().max() <= 1e-4
+    assert (tiled_super_resolve(fast, image, tile=24, overlap=8) - tiled_super_resolve(model, image, tile=24,
+                                                                                       overlap=8)).abs().max() <= 1e-4
