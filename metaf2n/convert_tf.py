@@ -91,6 +91,9 @@ def convert_official(prefix: str | os.PathLike) -> dict:
                               "checkpoint")
     blocks = {int(k.split(".")[1]) for k in sr_state if k.startswith("body.")}
     num_block = max(blocks) + 1 if blocks else 0
+    if blocks != set(range(num_block)):
+        missing = sorted(set(range(num_block)) - blocks)
+        raise CheckpointError(f"{os.fspath(prefix)}: RRDB blocks {missing} are missing (MODEL/body/{missing[0]}/...)")
     num_feat = sr_state["conv_first.weight"].shape[0]
     grow = sr_state["body.0.rdb1.conv1.weight"].shape[0] if num_block else 32
     mask_feat = mask_state["conv1.weight"].shape[0]

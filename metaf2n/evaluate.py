@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.bicubic:
+        if "bicubic" in methods:
+            parser.error("--results: the label 'bicubic' is taken by --bicubic; give that method another label")
         methods = {"bicubic": bicubic_results(Path(args.bicubic), out / "bicubic"), **methods}
     rows, problems = evaluate_methods(methods, Path(args.gt), args.crop_border, perceptual,
                                       out / "strips" if args.strips else None, args.device, args.quiet)

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and contiguous (NCHW) elsewhere")
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "
-                          "(mtcnn and retinaface detectors)")
+                          "(mtcnn and retinaface detectors, --face-recipe aligned)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -163,6 +163,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     if args.template is None:
         args.template = "gpen" if args.face_recipe == "metaf2n" else "gfpgan"
+    if args.face_preview and args.face_recipe != "aligned":
+        parser.error("--face-preview needs --face-recipe aligned (the metaf2n recipe's faces are box crops)")
     if args.det_threshold is not None and not 0 <= args.det_threshold <= 1:
         parser.error(f"--det-threshold must be in [0, 1], got {args.det_threshold}")
     if args.inner_lr is not None and not args.inner_lr >= 0:

@@ -189,7 +189,7 @@ def sample_face_patches(
     return lr_groups, hq_groups
 
 
-PatchCoordinates = list[tuple[int, int, int]]
+PatchCoordinates = list[tuple[int, int | None, int | None]]
 
 
 def sample_official_patches(
@@ -204,24 +204,32 @@ def sample_official_patches(
     excluded, as Python's ``random.randrange``). A face whose LR height or width is <= ``lr_patch`` is used whole if
     no patch has been taken yet, and ends the list; otherwise it is skipped.
 
-    ``coordinates`` (``(face index, top, left)`` in LR pixels) replaces the draw, so that a test can feed two
-    implementations the same patches. Returns the LR and HQ batches (one group) and the coordinates used
-    (``(face, 0, 0)`` for a whole face)."""
+    ``coordinates`` (``(face index, top, left)`` in LR pixels; ``(face index, None, None)`` for a whole face)
+    replaces the draw, so that a test can feed two implementations the same patches. Returns the LR and HQ batches
+    (one group) and the coordinates used."""
     if per_face < 1:
         raise ValueError(f"per_face must be >= 1, got {per_face}")
     hq_patch = SCALE * lr_patch
     if coordinates is not None:
+        coordinates = list(coordinates)
         for face, top, left in coordinates:
+            if not 0 <= face < len(pairs):
+                raise ValueError(f"coordinates: face {face} does not exist ({len(pairs)} faces)")
+            if top is None and left is None:
+                if len(coordinates) != 1:
+                    raise ValueError("coordinates: a whole face (face, None, None) must be the only entry")
+                return [pairs[face].lr[None]], [pairs[face].hq[None]], coordinates
             pair = pairs[face]
             if not (0 <= top <= pair.lr.shape[-2] - lr_patch and 0 <= left <= pair.lr.shape[-1] - lr_patch):
-                raise ValueError(f"patch ({face}, {top}, {left}) does not fit face {face} of {tuple(pair.lr.shape)}")
+                raise ValueError(f"coordinates: patch ({face}, {top}, {left}) does not fit face {face} of "
+                                 f"{tuple(pair.lr.shape)}")
     else:
         coordinates = []
         for index, pair in enumerate(pairs):
             height, width = pair.lr.shape[-2:]
             if height <= lr_patch or width <= lr_patch:
                 if not coordinates:
-                    return [pair.lr[None]], [pair.hq[None]], [(index, 0, 0)]
+                    return [pair.lr[None]], [pair.hq[None]], [(index, None, None)]
                 continue
             for _ in range(per_face):
                 top = int(torch.randint(0, height - lr_patch, (), generator=generator))
@@ -232,7 +240,7 @@ def sample_official_patches(
     lrs = [pairs[f].lr[:, t : t + lr_patch, l : l + lr_patch] for f, t, l in coordinates]
     hqs = [pairs[f].hq[:, SCALE * t : SCALE * t + hq_patch, SCALE * l : SCALE * l + hq_patch]
            for f, t, l in coordinates]
-    return [torch.stack(lrs)], [torch.stack(hqs)], list(coordinates)
+    return [torch.stack(lrs)], [torch.stack(hqs)], coordinates
 
 
 @dataclass

@@ -189,7 +189,8 @@ def _describe(layer: Layer, producers: dict[str, Layer]) -> tuple[str, tuple, li
     if layer.type == "Input":
         return "input", (), inputs
     if layer.type == "Convolution":
-        if (int(p.get(1, 0)), int(p.get(2, 1)), int(p.get(3, 1)), int(p.get(4, 0))) != (3, 1, 1, 1):
+        if (int(p.get(1, 0)), int(p.get(2, 1)), int(p.get(3, 1)), int(p.get(4, 0))) != (3, 1, 1, 1) or \
+                any(key in p for key in (11, 12, 13, 14, 15, 16, 18, 19)):  # per-axis kernel/dilation/stride/pads
             return "conv (not 3x3, stride 1, pad 1)", (), inputs
         act = int(p.get(9, 0))
         if act not in (0, LEAKY_RELU) or (act == LEAKY_RELU and not np.isclose(p.get(10, [0])[0], LEAKY_SLOPE)):
@@ -199,13 +200,14 @@ def _describe(layer: Layer, producers: dict[str, Layer]) -> tuple[str, tuple, li
         return ("concat", (), inputs) if int(p.get(0, 0)) == 0 else ("concat (not on channels)", (), inputs)
     if layer.type == "Eltwise":
         coeffs = tuple(float(v) for v in p.get(1, []))
-        if int(p.get(0, 1)) == 1 and len(coeffs) == 2:  # op 1: sum with coefficients
+        if int(p.get(0, 0)) == 1 and len(coeffs) == 2:  # op 1: sum with coefficients (ncnn's default 0 is product)
             return "scaled_add", coeffs, inputs
         return f"eltwise op {p.get(0)} {coeffs}", (), inputs
     if layer.type == "BinaryOp":
         return ("add", (), inputs) if int(p.get(0, 0)) == 0 and 1 not in p else ("binaryop", (), inputs)
     if layer.type == "Interp":
-        if int(p.get(0, 0)) == 1 and float(p.get(1, 0)) == 2.0 and float(p.get(2, 0)) == 2.0:
+        if int(p.get(0, 0)) == 1 and float(p.get(1, 0)) == 2.0 and float(p.get(2, 0)) == 2.0 and \
+                not any(key in p for key in (3, 4, 5, 6)):  # no output size, align-corners or dynamic size
             return "nearest2x", (), inputs
         return f"interp {p}", (), inputs
     return layer.type, (), inputs

@@ -17,6 +17,7 @@ from a checkpoint continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -449,7 +450,9 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, dist_inf
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is None and files.latest.exists():
         raise ValueError(f"--out {config.out!r} already holds a run: pass --resume to continue it, or another --out")
-    trainer = MetaTrainer(config, dist_info)
+    # on resume the checkpoint holds every weight: --init's file is not read again (it may have moved)
+    trainer = MetaTrainer(dataclasses.replace(config, init=None) if checkpoint is not None else config, dist_info)
+    trainer.config = config
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         logger.info("resumed from %s at meta-step %d (warm-up %d)", resume, trainer.step, trainer.warmup_step)

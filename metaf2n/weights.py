@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.what in ("mtcnn", "all"):
             path = fetch_mtcnn(args.cache, getattr(args, "wheel", None), args.download_dir)
             print(f"MTCNN: {path}")
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

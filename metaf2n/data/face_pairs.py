@@ -12,7 +12,8 @@ Per photo, with the defaults:
 3. The face aligned to GPEN's reference points at 512 px (a least-squares similarity), warped bilinear with a black
    border (GPEN's ``warp_and_crop_face``).
 4. Restored (``--restorer``; GPEN-BFR-512 in the official code) and truncated to 8 bits, not rounded.
-5. Warped back onto a black canvas 4x the photo's size by the inverse affine times 4 (bilinear).
+5. Warped back onto a black canvas 4x the photo's size by GPEN's inverse affine (the template fitted back onto the
+   landmarks at the inverse scale) times 4, bilinear.
 6. ``Face_LQ`` = the photo's box ``[y0 : y1 + 1, x0 : x1 + 1]``; ``Face_HQ`` = the canvas ``[4 y0 : 4 y1 + 4,
    4 x0 : 4 x1 + 4]``, exactly 4x the LQ crop (black where the box reaches past the warped face).
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from metaf2n.data.images import list_images
 from metaf2n.data.restorers import FaceRestorer
-from metaf2n.faces.align import template_alignment, warp_face
+from metaf2n.faces.align import inverse_alignment, template_alignment, warp_face
 from metaf2n.faces.detect import LandmarkFaceDetector
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def metaf2n_face_pairs(rgb: np.ndarray, detector: LandmarkFaceDetector, restorer
         affine = template_alignment(landmarks, template, FACE_SIZE)
         aligned = warp_face(rgb, affine, FACE_SIZE, template)
         restored = restore_uint8(restorer, aligned)
-        back = cv2.invertAffineTransform(affine) * SCALE
+        back = inverse_alignment(landmarks, template, FACE_SIZE) * SCALE
         canvas = cv2.warpAffine(restored, back, (SCALE * width, SCALE * height), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         lq = rgb[y0 : y1 + 1, x0 : x1 + 1]
@@ -97,6 +98,7 @@ def write_face_pairs(lq_dir: Path, out: Path, detector, restorer, threshold: flo
     photos = list_images(lq_dir)
     if not photos:
         raise ValueError(f"{lq_dir} holds no image")
+    out.mkdir(parents=True, exist_ok=True)
     manifest = {"photos": len(photos), "pairs": 0, "no_face": [], "template": template, "threshold": threshold}
     for path in tqdm(photos, desc="face pairs", unit="photo", disable=not progress):
         from PIL import Image
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="skip detections scoring below this (default 0.9, as the official generator)")
     parser.add_argument("--template", choices=("gpen", "gfpgan"), default="gpen")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from metaf2n.checks import parse_value_range
@@ -140,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        detector = load_detector(args.detector, args.device, template=args.template)
+        from metaf2n.trainer import resolve_device
+
+        device = resolve_device(args.device)
+        detector = load_detector(args.detector, device, template=args.template)
         if not isinstance(detector, LandmarkFaceDetector):
             parser.error("--detector must find five landmarks (retinaface:PATH or mtcnn): the pairs are aligned")
-        restorer = load_restorer(args.restorer, args.device, parse_value_range(args.restorer_range,
+        restorer = load_restorer(args.restorer, device, parse_value_range(args.restorer_range,
                                                                                 "--restorer-range"))
         manifest = write_face_pairs(Path(args.lq_dir), Path(args.out), detector, restorer, args.threshold,
                                     args.template, not args.quiet)

@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restorer-range", default="0,1")
     parser.add_argument("--detector", help="mtcnn[:PATH] or retinaface:PATH: cut Face_LQ/Face_HQ by detection + "
                                            "alignment, as infer does (default: the pasted face's square)")
-    parser.add_argument("--template", choices=("gfpgan", "gpen"), default="gfpgan")
+    parser.add_argument("--template", choices=("gfpgan", "gpen"), default=None,
+                        help="with --detector: gpen (MetaF2N's face pairs, the default with --restorer, as infer) or "
+                             "gfpgan (the default for ground-truth faces)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv))
     try:
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         from metaf2n.faces.detect import LandmarkFaceDetector, load_detector
 
         try:
-            detector = load_detector(args.detector)
+            args.template = args.template or ("gpen" if args.restorer else "gfpgan")
+            detector = load_detector(args.detector, template=args.template)
         except ValueError as error:
             parser.error(f"--detector: {error}")
         if not isinstance(detector, LandmarkFaceDetector):
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = make_testset(args.out, args.mode, args.count, args.seed, args.faces, args.backgrounds, args.size,
-                            args.face_min, args.face_max, restorer, not args.quiet, detector, args.template)
+                            args.face_min, args.face_max, restorer, not args.quiet, detector,
+                            args.template or "gfpgan")
     except ValueError as error:
         parser.error(str(error))
     print(f"test set written to {path}")

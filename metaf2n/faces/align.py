@@ -58,11 +58,12 @@ def _check_points(points: np.ndarray, name: str) -> np.ndarray:
     return points
 
 
-def similarity_least_squares(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+def umeyama(source: np.ndarray, target: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.floating]:
     """The (2, 3) similarity (rotation, uniform scale, shift) minimising the squared error source -> target
-    (Umeyama's closed form, no reflection), computed in the inputs' dtype and in the order of scikit-image's
-    ``_umeyama``, which GPEN uses on float32 points: bilinear ``warpAffine`` reads coordinates in 1/32 pixel steps,
-    so a last-bit difference in the affine can move a crop's pixel by several levels at a sharp edge."""
+    (Umeyama's closed form, no reflection) and its scale; ``scale`` fixes the scale instead of estimating it.
+    Computed in the inputs' dtype and in the order of scikit-image's ``_umeyama``, which GPEN uses on float32 points:
+    bilinear ``warpAffine`` reads coordinates in 1/32 pixel steps, so a last-bit difference in the affine can move a
+    crop's pixel by several levels at a sharp edge."""
     count = source.shape[0]
     source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
     source_demean, target_demean = source - source_mean, target - target_mean
@@ -73,10 +74,16 @@ def similarity_least_squares(source: np.ndarray, target: np.ndarray) -> np.ndarr
     u, sigma, vt = np.linalg.svd(covariance)
     transform = np.eye(3, dtype=np.float64)
     transform[:2, :2] = u @ np.diag(signs) @ vt
-    scale = 1.0 / source_demean.var(axis=0).sum() * (sigma @ signs)
+    if scale is None:
+        scale = 1.0 / source_demean.var(axis=0).sum() * (sigma @ signs)
     transform[:2, 2] = target_mean - scale * (transform[:2, :2] @ source_mean.T)
     transform[:2, :2] *= scale
-    return transform[:2]
+    return transform[:2], scale  # a numpy scalar: 1 / scale then rounds in its dtype, as GPEN's does
+
+
+def similarity_least_squares(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """:func:`umeyama`'s affine."""
+    return umeyama(source, target)[0]
 
 
 def alignment(landmarks: np.ndarray, template_512: np.ndarray = GFPGAN_TEMPLATE_512, size: int = 512,
@@ -100,6 +107,19 @@ def template_alignment(landmarks: np.ndarray, template: str = "gfpgan", size: in
         raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {template!r}")
     points, fit = TEMPLATES[template]
     return alignment(landmarks, points, size, fit)
+
+
+def inverse_alignment(landmarks: np.ndarray, template: str = "gfpgan", size: int = 512) -> np.ndarray:
+    """The affine from the ``template``'s aligned face back to the photo, as its pipeline computes it: facexlib
+    inverts the fitted affine (``cv2.invertAffineTransform``); GPEN fits the template onto the landmarks again with
+    the first fit's scale inverted (float32 points), which agrees with the inverse only to the last bits."""
+    if template == "gpen":
+        points, _ = TEMPLATES[template]
+        source = _check_points(landmarks, "landmarks").astype(np.float32)
+        target = (_check_points(points, "template_512") * (size / 512.0)).astype(np.float32)
+        _, scale = umeyama(source, target)
+        return umeyama(target, source, 1.0 / scale)[0]
+    return cv2.invertAffineTransform(template_alignment(landmarks, template, size))
 
 
 def scaled(affine: np.ndarray, factor: float) -> np.ndarray:

@@ -200,7 +200,13 @@ class MTCNNDetector(LandmarkFaceDetector):
             raise ValueError(f"thresholds must be three probabilities, got {thresholds}")
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch's unpickler errors subclass these
+            raise ValueError(f"{os.fspath(weights)!r} cannot be read as MTCNN weights: "
+                             f"{str(error).splitlines()[0][:200]}") from None
+        except Exception as error:  # noqa: BLE001 - pickle.UnpicklingError of an unsafe or foreign pickle
+            raise ValueError(f"{os.fspath(weights)!r} cannot be read as MTCNN weights ({type(error).__name__})") from None
         if not isinstance(state, dict) or set(state) != set(NETS):
             raise ValueError(f"{os.fspath(weights)!r} is not an MTCNN weight file (expected the keys {NETS})")
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
@@ -245,6 +251,8 @@ class MTCNNDetector(LandmarkFaceDetector):
         boxes = self._proposals(image)
         if len(boxes):
             patches, valid = crops(image, boxes, 24)
+            if not valid.any():
+                return []
             boxes = boxes[valid.to(boxes.device)]
             offsets, probs = self.rnet(_normalise(patches))
             keep = probs[:, 1] > self.thresholds[1]
@@ -255,6 +263,8 @@ class MTCNNDetector(LandmarkFaceDetector):
         if not len(boxes):
             return []
         patches, valid = crops(image, boxes, 48)
+        if not valid.any():
+            return []
         boxes = boxes[valid.to(boxes.device)]
         offsets, points, probs = self.onet(_normalise(patches))
         keep = probs[:, 1] > self.thresholds[2]
