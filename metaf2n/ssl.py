@@ -38,6 +38,30 @@ def _check_image(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating tensor with values in [0, 1], got {x.dtype}")
 
 
+def _check_settings(**settings) -> None:
+    """search and patch are ints (a bool is refused: ``search=True`` would silently mean a 1 x 1 window); h and the
+    weights are numbers."""
+    for name in ("search", "patch"):
+        value = settings.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    for name in ("h", "kl_weight", "l1_weight"):
+        value = settings.get(name)
+        if name in settings and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def _check_range(x: torch.Tensor, name: str, upper: float) -> None:
+    """Images in [0, 255] instead of [0, 1] make every patch distance huge and the loss silently 0: refuse them.
+    (Skipped while torch.compile traces, where a data-dependent check would break the graph.)"""
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+    high = float(x.detach().amax())
+    if high > upper:
+        raise ValueError(f"{name} must hold values in [0, 1], got a maximum of {high:.4g} (an 8-bit image? divide "
+                         "it by 255)")
+
+
 @torch.no_grad()
 def edge_mask(hr: torch.Tensor, threshold: float = 20.0, stride: int = 1) -> torch.Tensor:
     """Edge pixels of ``hr`` as the published offline SSL mask computes them, bit for bit.
@@ -105,6 +129,8 @@ def self_similarity_graph(
     Returns (N, search**2), rows in ``torch.nonzero(mask)`` order, each summing to 1. Differentiable w.r.t. img.
     """
     _check_image(img, "img")
+    _check_settings(search=search, patch=patch, h=h)
+    _check_range(img, "img", 1.5)
     return ops.similarity_graph(img, mask_positions(mask, img), search, patch, h, padding, path)
 
 
@@ -133,6 +159,9 @@ def ssl_loss(
     _check_image(hr, "hr")
     if hr.shape != sr.shape:
         raise ValueError(f"hr must have the shape of sr {tuple(sr.shape)}, got {tuple(hr.shape)}")
+    _check_settings(search=search, patch=patch, h=h, kl_weight=kl_weight, l1_weight=l1_weight)
+    _check_range(hr, "hr", 1.0 + 1e-3)
+    _check_range(sr, "sr", 4.0)  # an SR output may overshoot 1 a little; 255-scaled images are far above
     if mask is None:
         mask = edge_mask(hr, threshold, stride)
     return ops.ssl_loss(

@@ -572,3 +572,25 @@ def test_module_defaults_and_mask_are_the_functions(photo_pair):
     mask = edge_mask(hr, threshold=60.0)
     torch.testing.assert_close(SelfSimilarityLoss()(sr, hr, mask), ssl_loss(sr, hr, mask), rtol=0, atol=0)
     assert SelfSimilarityLoss()(sr, hr, mask) != SelfSimilarityLoss()(sr, hr)
+
+
+def test_a_bool_where_a_size_is_meant_is_refused(photo_pair):
+    sr, hr = photo_pair
+    with pytest.raises(TypeError, match=r"^search must be an int, got True$"):
+        ssl_loss(sr, hr, search=True)
+    with pytest.raises(TypeError, match=r"^patch must be an int, got 3.0$"):
+        self_similarity_graph(hr, edge_mask(hr), patch=3.0)
+    with pytest.raises(TypeError, match=r"^kl_weight must be a number, got '1'$"):
+        ssl_loss(sr, hr, kl_weight="1")
+
+
+def test_images_in_0_255_are_refused_instead_of_giving_zero(photo_pair):
+    sr, hr = photo_pair
+    with pytest.raises(ValueError, match=r"^hr must hold values in \[0, 1\], got a maximum of 2\d\d.*divide it by 255"):
+        ssl_loss(sr, hr * 255)
+    with pytest.raises(ValueError, match=r"^sr must hold values in \[0, 1\], got a maximum of"):
+        ssl_loss(sr * 255, hr)
+    with pytest.raises(ValueError, match=r"^img must hold values in \[0, 1\]"):
+        self_similarity_graph(hr * 255, edge_mask(hr))
+    # an SR output a little outside [0, 1] is a normal network output and passes
+    assert torch.isfinite(ssl_loss((sr * 1.2 - 0.1), hr))
