@@ -4,9 +4,11 @@
         --restorer gpen_512.pt --restorer-range -1,1
     python -m metaf2n.infer testset/LQ -o out/ --checkpoint ckpt.pt --face-lq testset/Face_LQ --face-hq testset/Face_HQ
 
-Writes ``OUTDIR/NAME.png`` and ``OUTDIR/summary.jsonl`` (one record per photo). A photo without a usable face is
-super-resolved by the un-adapted model, with the reason in the summary; a file that cannot be processed is reported
-and skipped, and the exit status is 1 when any file failed.
+Writes ``OUTDIR/NAME.png`` and ``OUTDIR/summary.jsonl`` (one record per photo; inputs that share a name get
+``NAME-2.png``, ``NAME-3.png``...). An OUTDIR holding an earlier run's results is refused unless ``--overwrite``
+(which replaces them and appends to the summary); a result that would overwrite an input is always refused. A photo
+without a usable face is super-resolved by the un-adapted model, with the reason in the summary; a file that cannot be
+processed is reported and skipped, and the exit status is 1 when any file failed.
 """
 
 from __future__ import annotations
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "
                           "(mtcnn and retinaface detectors, --face-recipe aligned)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results of an earlier run in OUTDIR (its summary records are kept and the new "
+                          "ones appended); without it such a folder is refused. Inputs are never overwritten")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -171,7 +176,39 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
 
 
-def process_photo(path: Path, args, model, detector, restorer, device, out_dir: Path) -> dict:
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """Each input's output stem: its own stem, or ``STEM-2``, ``STEM-3``... when inputs share a stem (a/photo.png,
+    b/photo.png, photo.jpg), so that no result overwrites another."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    stems = [p.stem for p in paths]
+    for path in paths:
+        name, k = path.stem, 1
+        while name in taken or (k > 1 and name in stems):
+            k += 1
+            name = f"{path.stem}-{k}"
+        taken.add(name)
+        names[path] = name
+    return names
+
+
+def check_outputs(paths: list[Path], names: dict[Path, str], out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over an input, or over an earlier run's results unless ``overwrite``."""
+    inputs = {p.resolve() for p in paths}
+    outputs = [out_dir / f"{names[p]}{suffix}" for p in paths for suffix in (".png", "_faces.png")]
+    clobbered = [o for o in outputs if o.resolve() in inputs]
+    if clobbered:
+        raise ValueError(f"-o {out_dir}: the result {clobbered[0].name} would overwrite the input photo of that "
+                         "name; choose another output folder")
+    existing = [o for o in outputs + [out_dir / "summary.jsonl"] if o.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(o.name for o in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3
+                                                             else "")
+        raise ValueError(f"-o {out_dir} already holds results ({shown}); pass --overwrite to replace them (earlier "
+                         "summary records are kept), or choose another folder")
+
+
+def process_photo(path: Path, args, model, detector, restorer, device, out_dir: Path, name: str | None = None) -> dict:
     start = time.perf_counter()
     record = {"image": path.name, "output": None, "faces_found": 0, "faces_used": 0, "patches": 0,
               "inner_before": None, "inner_after": None, "adapted": False, "reason": None}
@@ -212,8 +249,8 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
         if not pairs:
             record["reason"] = "no face detected"
         elif args.face_preview:
-            save_png(out_dir / f"{path.stem}_faces.png", face_preview(photo, pairs))
-            record["face_preview"] = f"{path.stem}_faces.png"
+            save_png(out_dir / f"{name or path.stem}_faces.png", face_preview(photo, pairs))
+            record["face_preview"] = f"{name or path.stem}_faces.png"
     else:
         pairs, record["faces_found"] = faces_from_photo(photo.to(device), detector, restorer, args.restorer_size,
                                                         args.face_margin)
@@ -240,7 +277,7 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
     bar = None if args.quiet else (lambda cores: tqdm(cores, desc=f"{path.name} tiles", leave=False, unit="tile"))
     tile = 0 if args.official_test else args.tile
     sr = tiled_super_resolve(model.sr, photo[None].to(device), params, tile, args.tile_overlap, args.precision, bar)
-    output = out_dir / f"{path.stem}.png"
+    output = out_dir / f"{name or path.stem}.png"
     save_png(output, (sr[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     record["output"] = output.name
     record["time_s"] = round(time.perf_counter() - start, 3)
@@ -281,13 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(f"--detector: {error}")
     out_dir = Path(args.out)
+    names = output_names(paths)
+    try:
+        check_outputs(paths, names, out_dir, args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
+    for path, name in names.items():
+        if name != path.stem:
+            logger.warning("%s shares its name with another input: its result is %s.png", path, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.jsonl"
-    atomic_write_text(summary, "")
+    if not summary.exists():
+        atomic_write_text(summary, "")
     failed = 0
     for path in tqdm(paths, desc="photos", unit="photo", disable=args.quiet):
         try:
-            record = process_photo(path, args, model, detector, restorer, device, out_dir)
+            record = process_photo(path, args, model, detector, restorer, device, out_dir, names[path])
         except PhotoError as error:
             failed += 1
             logger.error("%s", error)

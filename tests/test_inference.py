@@ -367,3 +367,35 @@ def test_ood_draws_lie_outside_the_training_ranges():
         first, second = params.first, params.second
         assert first.jpeg_quality <= 30 and second.jpeg_quality <= 30  # training: 30..95
         assert first.noise.kind == "gaussian" and first.noise.level >= 30  # training: 1..30
+
+
+# --- no silent overwrite or loss ------------------------------------------------------------------------------------
+def test_infer_never_writes_over_its_inputs_or_an_earlier_run(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = save_rgb(folder / "p.png", photo("astronaut", 0, 0, 24)[0]).read_bytes()
+    common = ["--checkpoint", str(checkpoint), "--steps", "0", "--quiet"]
+    with pytest.raises(SystemExit):
+        infer_cli.main([str(folder), "-o", str(folder), *common])
+    assert "the result p.png would overwrite the input photo" in capsys.readouterr().err
+    assert (folder / "p.png").read_bytes() == original and not (folder / "summary.jsonl").exists()
+    out = tmp_path / "out"
+    assert infer_cli.main([str(folder), "-o", str(out), *common]) == 0
+    with pytest.raises(SystemExit):
+        infer_cli.main([str(folder), "-o", str(out), *common])
+    assert "already holds results (p.png, summary.jsonl); pass --overwrite" in capsys.readouterr().err
+    assert infer_cli.main([str(folder), "-o", str(out), "--overwrite", *common]) == 0
+    assert [r["image"] for r in read_jsonl(out / "summary.jsonl")] == ["p.png", "p.png"]  # both runs' records
+
+
+def test_inputs_sharing_a_name_get_distinct_results(checkpoint, tmp_path):
+    for folder, size in (("a", 24), ("b", 28)):
+        (tmp_path / folder).mkdir()
+        save_rgb(tmp_path / folder / "photo.png", photo("astronaut", 0, 0, size)[0])
+    Image.open(tmp_path / "a" / "photo.png").save(tmp_path / "photo.jpg")
+    out = tmp_path / "out"
+    assert infer_cli.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "photo.jpg"), "-o", str(out),
+                           "--checkpoint", str(checkpoint), "--steps", "0", "--quiet"]) == 0
+    records = read_jsonl(out / "summary.jsonl")
+    assert [r["output"] for r in records] == ["photo.png", "photo-2.png", "photo-3.png"]
+    assert [Image.open(out / r["output"]).size for r in records] == [(96, 96), (112, 112), (96, 96)]
