@@ -16,7 +16,7 @@ import sys
 from metaf2n.checks import join_range_flags
 from metaf2n.config import add_config_flags, resolve
 from metaf2n.distributed import init_from_env
-from metaf2n.trainer import NonFiniteLossError, RunFiles, load_checkpoint, train
+from metaf2n.trainer import NonFiniteLossError, RunFiles, TrainingInterrupted, load_checkpoint, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML", help="a YAML file of config fields (flags given here win)")
     parser.add_argument("--resume", nargs="?", const="", metavar="PATH",
                         help="continue from PATH, or from OUT/checkpoints/latest.pt when no PATH is given")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an --out that holds other files, or resume another run's checkpoint into it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(parser)
     return parser
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(join_range_flags(sys.argv[1:] if argv is None else argv)))
     resume = args.pop("resume", None)
     quiet = args.pop("quiet", False)
+    force = args.pop("force", False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         checkpoint_config = None
@@ -52,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(args, checkpoint_config, init_config)
         dist_info = init_from_env("cuda" if config.device.startswith("cuda") or (
             config.device == "auto" and __import__("torch").cuda.is_available()) else "cpu")
-        train(config, resume=resume, dist_info=dist_info, show_progress=not quiet)
+        train(config, resume=resume, dist_info=dist_info, show_progress=not quiet, force=force)
     except ValueError as error:
         parser.error(str(error))
+    except TrainingInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 143 if stop.signal_name == "SIGTERM" else 130
+    except KeyboardInterrupt as error:
+        print(f"stopped at once ({error or 'interrupt'}); the last periodic checkpoint stands", file=sys.stderr)
+        return 130
     except (FileNotFoundError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

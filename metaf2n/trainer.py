@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import json
 import logging
 import math
@@ -354,6 +355,22 @@ class MetaTrainer:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
+LOCK_NAME = "run.lock"
+FAULT_ENV = "METAF2N_TEST_KILL_AT_SAVE"
+
+
+def _fault_hook(step: int, path: Path) -> None:
+    """Tests only: with ``$METAF2N_TEST_KILL_AT_SAVE`` = the step, half-write the checkpoint's temporary file and
+    SIGKILL this process, as a kill in the middle of a save would."""
+    if os.environ.get(FAULT_ENV) == str(step):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.interrupted.tmp", "wb") as file:
+            file.write(b"\0" * 4096)
+            file.flush()
+            os.fsync(file.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RunFiles:
     """The fixed output layout of a run (tools read it)."""
 
@@ -443,13 +460,150 @@ class _Logger:
             self.tb.close()
 
 
+RUN_ENTRIES = {"config.yaml", "log.jsonl", "tb", "samples", "checkpoints", "loss_curve.png", LOCK_NAME}
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a final checkpoint of the last finished step was written."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: stopped after meta-step {step}; checkpoint {checkpoint} (continue with "
+                         "--resume)")
+        self.signal_name = signal_name
+
+
+def check_out_folder(files: RunFiles, resume, checkpoint: dict | None, force: bool) -> None:
+    """Refuse an ``--out`` that is not this run's: a folder of other files, another run's folder when resuming from
+    elsewhere, or a run that should be resumed. ``force`` accepts the first two."""
+    root = files.root
+    if checkpoint is None and files.latest.exists():
+        raise ValueError(f"--out {os.fspath(root)!r} already holds a run: pass --resume to continue it, or another "
+                         "--out")
+    if root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in RUN_ENTRIES and not _is_temp(p))
+        if foreign and not force:
+            raise ValueError(f"--out {os.fspath(root)!r} holds files that are not a metaf2n run ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}): choose an empty folder, or pass --force")
+    if checkpoint is not None and files.latest.exists() and not force and \
+            Path(resume).resolve().parent != files.checkpoints.resolve():
+        raise ValueError(f"--resume {os.fspath(resume)!r} is not a checkpoint of --out {os.fspath(root)!r}, which "
+                         "holds another run: resuming there would overwrite its checkpoints and mix both logs; choose "
+                         "another --out, or pass --force")
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def remove_orphan_temp_files(files: RunFiles) -> None:
+    """Temporary files of atomic writes that a kill interrupted (``.NAME.xxxx.tmp``): nothing else removes them."""
+    orphans = [p for folder in (files.root, files.checkpoints) if folder.is_dir() for p in folder.iterdir()
+               if p.is_file() and _is_temp(p)]
+    if orphans:
+        size = sum(p.stat().st_size for p in orphans)
+        for path in orphans:
+            path.unlink()
+        logger.warning("removed %d temporary files (%.1f MB) left by an interrupted write", len(orphans), size / 1e6)
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``run.lock`` holding the PID; a lock whose process is gone is taken over."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise ValueError(f"--out {os.fspath(self.path.parent)!r} is in use by another training run (PID "
+                                     f"{pid}; lock {self.path})") from None
+                logger.warning("taking over the stale lock %s of PID %s, which is no longer running", self.path,
+                               pid or "?")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set a flag that the loop checks after each step (a final checkpoint, then a clean stop); a
+    second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopping at once")
+        self.received = signal.Signals(number).name
+        logger.warning("%s received: stopping after this step with a final checkpoint (again to stop at once)",
+                       self.received)
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
 def train(config: TrainConfig, resume: str | os.PathLike | None = None, dist_info: DistInfo = DistInfo(),
-          show_progress: bool = True) -> MetaTrainer:
-    """Run (or resume) training as ``config`` says; returns the trainer at the end."""
+          show_progress: bool = True, force: bool = False) -> MetaTrainer:
+    """Run (or resume) training as ``config`` says; returns the trainer at the end. Raises
+    :class:`TrainingInterrupted` after SIGINT/SIGTERM, once the final checkpoint is written."""
     files = RunFiles(config.out)
     checkpoint = load_checkpoint(resume) if resume is not None else None
-    if checkpoint is None and files.latest.exists():
-        raise ValueError(f"--out {config.out!r} already holds a run: pass --resume to continue it, or another --out")
+    check_out_folder(files, resume, checkpoint, force)
+    lock = RunLock(files.root)
+    if dist_info.is_main:
+        files.root.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        return _train(config, files, resume, checkpoint, dist_info, show_progress)
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, files: RunFiles, resume, checkpoint, dist_info: DistInfo,
+           show_progress: bool) -> MetaTrainer:
+    if dist_info.is_main:
+        remove_orphan_temp_files(files)
+        if checkpoint is None and files.log.exists():
+            logger.warning("%s is the log of a run that stopped before its first checkpoint: starting it over",
+                           files.log)
+            files.log.unlink()
     # on resume the checkpoint holds every weight: --init's file is not read again (it may have moved)
     trainer = MetaTrainer(dataclasses.replace(config, init=None) if checkpoint is not None else config, dist_info)
     trainer.config = config
@@ -478,9 +632,17 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, dist_inf
     def save() -> None:
         state = trainer.state_dict()  # every rank takes part (the task generators are gathered)
         if main:
-            atomic_torch_save(files.latest, state)
+            # the numbered file first: a kill between the two then never leaves latest.pt without its step_N.pt
+            _fault_hook(trainer.step, files.numbered(trainer.step))
             atomic_torch_save(files.numbered(trainer.step), state)
+            atomic_torch_save(files.latest, state)
 
+    def stop_if_asked(signals: StopSignals) -> None:
+        if signals.received is not None:
+            save()
+            raise TrainingInterrupted(signals.received, trainer.step, files.latest)
+
+    signals = StopSignals().__enter__()
     try:
         if checkpoint is None:
             validate_and_sample()
@@ -491,9 +653,10 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, dist_inf
                 record = trainer.warmup_update(trainer.sample_tasks())
                 log.write(record)
                 bar.set_postfix(l1=f"{record['l1']:.4f}")
-            save()
+                stop_if_asked(signals)
             if trainer.step == 0:
-                validate_and_sample()
+                validate_and_sample()  # before the checkpoint: a kill in between would lose this record for good
+            save()
         bar = tqdm(range(trainer.step, config.steps), desc="meta-training", unit="step",
                    disable=not (main and show_progress))
         for _ in bar:
@@ -508,7 +671,9 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, dist_inf
                 validate_and_sample()
             if trainer.step % config.ckpt_every == 0 or trainer.step == config.steps:
                 save()
+            stop_if_asked(signals)
     finally:
+        signals.__exit__()
         log.close()
     if main and files.log.is_file():
         save_loss_curve(files.loss_curve, read_jsonl(files.log))
