@@ -157,6 +157,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(file) or {}
     except OSError as error:
         raise ValueError(f"--config {os.fspath(path)!r} cannot be read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"--config {os.fspath(path)!r} is not valid YAML{line}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {os.fspath(path)!r} must hold a mapping of field names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from metaf2n.data.images import list_images, read_image
@@ -29,6 +30,7 @@ from metaf2n.visualize import save_png
 
 logger = logging.getLogger("metaf2n.evaluate")
 COLUMNS = ("method", "image", "psnr_y", "ssim_y", "lpips")
+SSIM_WINDOW = 11
 METRICS = COLUMNS[2:]
 GAP = 8
 LABEL_HEIGHT = 14
@@ -84,7 +86,15 @@ def evaluate_methods(methods: dict[str, Path], gt_dir: Path, crop_border: int, p
         pairs, found = pair_files(folder, gt_dir)
         problems += [f"{label}: {p}" for p in found] if len(methods) > 1 else found
         for stem, result_path, gt_path in tqdm(pairs, desc=f"evaluating {label}", unit="image", disable=quiet):
-            result, gt = read_image(result_path), read_image(gt_path)
+            try:
+                result, gt = read_image(result_path), read_image(gt_path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                problems.append(f"{result_path.name} / {gt_path.name}: cannot be read as an image ({error})")
+                continue
+            if min(gt.shape[1:]) - 2 * crop_border < SSIM_WINDOW:
+                problems.append(f"{gt_path.name}: {gt.shape[2]}x{gt.shape[1]} is too small for SSIM's "
+                                f"{SSIM_WINDOW}x{SSIM_WINDOW} window after a crop border of {crop_border}")
+                continue
             if result.shape != gt.shape:
                 problems.append(f"{result_path.name}: {result.shape[2]}x{result.shape[1]} but its ground truth "
                                 f"{gt_path.name} is {gt.shape[2]}x{gt.shape[1]}")
@@ -179,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.crop_border < 0:
         parser.error(f"--crop-border must be >= 0, got {args.crop_border}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from metaf2n.trainer import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     perceptual = None
     if not args.no_lpips:
         from metaf2n.losses import lpips_alex

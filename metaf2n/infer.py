@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
@@ -69,7 +69,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 def read_rgb_photo(path: Path) -> torch.Tensor:
     """(3, H, W) float in [0, 1]; grey, alpha and other non-RGB images are refused with a message."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)  # a rotated camera JPEG is super-resolved upright
             mode = image.mode
             if mode not in COLOUR_MODES or (mode == "P" and "transparency" in image.info):
                 raise PhotoError(
@@ -172,7 +173,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--face-preview needs --face-recipe aligned (the metaf2n recipe's faces are box crops)")
     if args.det_threshold is not None and not 0 <= args.det_threshold <= 1:
         parser.error(f"--det-threshold must be in [0, 1], got {args.det_threshold}")
-    if args.inner_lr is not None and not args.inner_lr >= 0:
+    if not 0.5 <= args.face_margin <= 10:  # also refuses nan
+        parser.error(f"--face-margin must be in [0.5, 10] (crop side / detected box side), got {args.face_margin}")
+    if args.inner_lr is not None and not 0 <= args.inner_lr < float("inf"):
         parser.error(f"--inner-lr must be >= 0, got {args.inner_lr}")
 
 

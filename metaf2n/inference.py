@@ -53,15 +53,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", ema:
     """A metaf2n checkpoint (``sr``, ``masknet``, ``config``: a training run's, or an official MetaF2N one converted
     by ``python -m metaf2n.weights metaf2n-tf``; ``ema`` picks ``sr_ema`` when present) or a Real-ESRGAN RRDBNet
     x4plus checkpoint (``params_ema``/``params``/bare; no MaskNet, inner lr 1e-2)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--checkpoint {os.fspath(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from metaf2n.io import load_torch_file
+
+    state = load_torch_file(path, "--checkpoint")
     if isinstance(state, dict) and {"sr", "masknet", "config"} <= set(state):
         config = state["config"]
-        sr = RRDBNet(num_feat=config["num_feat"], num_block=config["num_block"], num_grow_ch=config["num_grow_ch"])
-        sr.load_state_dict(state["sr_ema"] if ema and state.get("sr_ema") else state["sr"])
-        masknet = MaskNet(num_feat=config["masknet_feat"], upsample=config.get("masknet_upsample", "torch"))
-        masknet.load_state_dict(state["masknet"])
+        try:
+            sr = RRDBNet(num_feat=config["num_feat"], num_block=config["num_block"],
+                         num_grow_ch=config["num_grow_ch"])
+            sr.load_state_dict(state["sr_ema"] if ema and state.get("sr_ema") else state["sr"])
+            masknet = MaskNet(num_feat=config["masknet_feat"], upsample=config.get("masknet_upsample", "torch"))
+            masknet.load_state_dict(state["masknet"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise ValueError(f"--checkpoint {os.fspath(path)!r}: its config does not match its weights ({reason})") \
+                from None
         model = SRModel(sr, masknet, float(config["inner_lr"]), "metaf2n")
     else:
         sr = load_pretrained(RRDBNet(), path)

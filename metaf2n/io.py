@@ -70,3 +70,30 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return records
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors: ValueError naming ``path`` and
+    whether it is missing, a folder, empty or truncated, not a torch file, or an unsafe pickle (never executed)."""
+    import pickle
+
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise ValueError(f"{what} {name!r} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"{what} {name!r} is a folder, not a file")
+    if os.path.getsize(name) == 0:
+        raise ValueError(f"{what} {name!r} is empty")
+    try:
+        return torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        import re
+
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global:(?: GLOBAL)?) ([\w.]+)", str(error))
+        if found:  # weights_only refused a callable or class: it was never run
+            raise ValueError(f"{what} {name!r} is refused: an unsafe pickle (it would run {found.group(1)})") from None
+        raise ValueError(f"{what} {name!r} cannot be read: not a torch file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError, IndexError,
+            TypeError, UnicodeDecodeError) as error:
+        text = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise ValueError(f"{what} {name!r} cannot be read: truncated, corrupt or not a torch file ({text})") from None

@@ -86,7 +86,9 @@ def lpips_alex(weights: str | os.PathLike | None = None, device: str | torch.dev
     a random backbone.
     """
     path = find_lpips_alexnet(weights)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from metaf2n.io import load_torch_file
+
+    state = load_torch_file(path, "LPIPS weights")
     if not isinstance(state, dict):
         raise ValueError(f"AlexNet weights {os.fspath(path)!r} must hold a state dict, got {type(state).__name__}")
     logger.info("LPIPS AlexNet backbone from %s", path)

@@ -35,7 +35,7 @@ from metaf2n.config import TrainConfig, dump_yaml
 from metaf2n.data import TaskBatch, TaskConfig, TaskSampler
 from metaf2n.degrade import DegradationConfig
 from metaf2n.distributed import DistInfo, average_gradients, average_scalars, gather_tensors
-from metaf2n.io import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
+from metaf2n.io import append_jsonl, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl
 from metaf2n.losses import gan_loss, lpips_alex
 from metaf2n.maml import evaluate_adaptation, meta_forward, timed
 from metaf2n.models import MaskNet, RRDBNet, UNetDiscriminatorSN, load_pretrained
@@ -407,9 +407,9 @@ def load_init(sr: torch.nn.Module, masknet: torch.nn.Module, path: str | os.Path
 
 
 def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"{flag}: no checkpoint at {os.fspath(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, flag)
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"{flag} {os.fspath(path)!r} is not a metaf2n checkpoint (it has no config)")
     return state

@@ -10,3 +10,6 @@ bash scripts/setup.sh
 .venv/bin/python -m pip install --quiet "ncnn==1.0.20261020" "requests>=2"
 .venv/bin/python -m pip install --quiet --no-deps "facenet-pytorch==2.6.0"
 .venv/bin/python -m pytest -q "$@"
+# The numerics again with ATen's scalar kernels, as a CPU with other vector units would dispatch them: the tests
+# compare with float64 oracles and must not depend on that choice.
+ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q tests/test_ssl.py tests/test_dense.py

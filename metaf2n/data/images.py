@@ -29,9 +29,22 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file into (3, H, W) float32 RGB in [0, 1]; raises OSError/ValueError if unreadable."""
+    """Decode an image file into (3, H, W) float32 RGB in [0, 1], upright (its EXIF orientation applied); a 16-bit
+    grey image is scaled by its real range (65535), not clipped to 8 bits. Raises OSError/ValueError if
+    unreadable."""
+    from PIL import ImageOps
+
     with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in SIXTEEN_BIT_MODES:
+            grey = np.asarray(img, dtype=np.float64) / 65535.0
+            if grey.max(initial=0) > 1:
+                raise ValueError(f"{os.fspath(path)}: a {img.mode} image with values above 65535")
+            return torch.from_numpy(np.repeat(grey[None], 3, axis=0)).float()
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
 

@@ -200,13 +200,9 @@ class MTCNNDetector(LandmarkFaceDetector):
             raise ValueError(f"thresholds must be three probabilities, got {thresholds}")
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor}")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch's unpickler errors subclass these
-            raise ValueError(f"{os.fspath(weights)!r} cannot be read as MTCNN weights: "
-                             f"{str(error).splitlines()[0][:200]}") from None
-        except Exception as error:  # noqa: BLE001 - pickle.UnpicklingError of an unsafe or foreign pickle
-            raise ValueError(f"{os.fspath(weights)!r} cannot be read as MTCNN weights ({type(error).__name__})") from None
+        from metaf2n.io import load_torch_file
+
+        state = load_torch_file(weights, "MTCNN weights")
         if not isinstance(state, dict) or set(state) != set(NETS):
             raise ValueError(f"{os.fspath(weights)!r} is not an MTCNN weight file (expected the keys {NETS})")
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()

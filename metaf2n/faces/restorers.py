@@ -92,7 +92,9 @@ def load_restorer(spec: str, device: str | torch.device = "cpu",
         raise ValueError(f"--restorer {spec!r}: {path!r} is not a file")
     if kind == "torchscript":
         return TorchScriptRestorer(path, device, value_range)
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from metaf2n.io import load_torch_file
+
+    state = extract_state_dict(load_torch_file(path, "restorer weights"))
     model = (gfpgan_from_state if kind == "gfpgan" else gpen_from_state)(state)
     load_pretrained(model, path)
     size = model.out_size if kind == "gfpgan" else model.size

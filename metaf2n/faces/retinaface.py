@@ -233,7 +233,9 @@ class RetinaFaceDetector(LandmarkFaceDetector):
 
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
-        state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        from metaf2n.io import load_torch_file
+
+        state = extract_state_dict(load_torch_file(path, "RetinaFace weights"))
         backbone = "resnet50" if any(k.startswith("body.layer1.") for k in state) else "mobilenet0.25"
         if not any(k.startswith(("body.layer1.", "body.stage1.")) for k in state):
             raise ValueError(f"{os.fspath(path)!r} is not a RetinaFace checkpoint (expected body.layer1.* for "

@@ -49,7 +49,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, key: str | None =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from metaf2n.io import load_torch_file
+
+    checkpoint = load_torch_file(path, "weights file")
     state = extract_state_dict(checkpoint, key)
 
     expected = model.state_dict()
