@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import zlib
@@ -329,10 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     for path, name in names.items():
         if name != path.stem:
             logger.warning("%s shares its name with another input: its result is %s.png", path, name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.jsonl"
-    if not summary.exists():
-        atomic_write_text(summary, "")
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OSError(f"{out_dir} is a file")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not summary.exists():
+            atomic_write_text(summary, "")
+    except OSError as error:
+        parser.error(f"-o {os.fspath(out_dir)!r} cannot be written: {error.strerror or error}")
     failed = 0
     for path in tqdm(paths, desc="photos", unit="photo", disable=args.quiet):
         try:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         print(f"stopped at once ({error or 'interrupt'}); the last periodic checkpoint stands", file=sys.stderr)
         return 130
-    except (FileNotFoundError, NonFiniteLossError) as error:
+    except (OSError, NonFiniteLossError) as error:  # a missing file, a read-only or full disk
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

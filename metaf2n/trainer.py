@@ -476,6 +476,8 @@ def check_out_folder(files: RunFiles, resume, checkpoint: dict | None, force: bo
     """Refuse an ``--out`` that is not this run's: a folder of other files, another run's folder when resuming from
     elsewhere, or a run that should be resumed. ``force`` accepts the first two."""
     root = files.root
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {os.fspath(root)!r} is a file, not a folder")
     if checkpoint is None and files.latest.exists():
         raise ValueError(f"--out {os.fspath(root)!r} already holds a run: pass --resume to continue it, or another "
                          "--out")

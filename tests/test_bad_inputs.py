@@ -126,3 +126,21 @@ def test_evaluate_names_unreadable_and_too_small_images(tmp_path, capsys):
         evaluate_cli.main(["--results", str(results), "--gt", str(gt), "--out", str(tmp_path / "o2"), "--device",
                            "cuda:7", "--no-lpips"])
     assert "--device" in capsys.readouterr().err
+
+
+def test_output_paths_that_are_files_or_read_only_get_one_line(checkpoint, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in" / "p.png")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        infer_cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "a_file"), "--checkpoint", str(checkpoint)])
+    assert "a_file' cannot be written" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--out", str(tmp_path / "a_file"), "--quiet"])
+    assert "a_file' is a file, not a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case only means something for other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(SystemExit):
+            infer_cli.main([str(tmp_path / "in"), "-o", str(locked / "o"), "--checkpoint", str(checkpoint)])
+        assert "cannot be written" in capsys.readouterr().err
