@@ -484,8 +484,9 @@ def check_out_folder(files: RunFiles, resume, checkpoint: dict | None, force: bo
     if root.is_dir():
         foreign = sorted(p.name for p in root.iterdir() if p.name not in RUN_ENTRIES and not _is_temp(p))
         if foreign and not force:
-            raise ValueError(f"--out {os.fspath(root)!r} holds files that are not a metaf2n run ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}): choose an empty folder, or pass --force")
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(f"--out {os.fspath(root)!r} holds files that are not a metaf2n run ({listed}): choose an "
+                             "empty folder, or pass --force")
     if checkpoint is not None and files.latest.exists() and not force and \
             Path(resume).resolve().parent != files.checkpoints.resolve():
         raise ValueError(f"--resume {os.fspath(resume)!r} is not a checkpoint of --out {os.fspath(root)!r}, which "
