@@ -595,9 +595,7 @@ def test_images_in_0_255_are_refused_instead_of_giving_zero(photo_pair):
     sr, hr = photo_pair
     with pytest.raises(ValueError, match=r"^hr must hold values in \[0, 1\], got a maximum of 2\d\d.*divide it by 255"):
         ssl_loss(sr, hr * 255)
-    with pytest.raises(ValueError, match=r"^sr must hold values in \[0, 1\], got a maximum of"):
-        ssl_loss(sr * 255, hr)
-    with pytest.raises(ValueError, match=r"^img must hold values in \[0, 1\]"):
-        self_similarity_graph(hr * 255, edge_mask(hr))
-    # an SR output a little outside [0, 1] is a normal network output and passes
-    assert torch.isfinite(ssl_loss((sr * 1.2 - 0.1), hr))
+    with pytest.raises(ValueError, match=r"^hr must hold values in \[0, 1\], got a maximum of 2\d\d"):
+        ssl_loss(sr * 255, hr * 255)  # both 8-bit: every distance huge, the loss would be 0
+    # a network's output may lie anywhere (an untrained network's does): only the ground truth is checked
+    assert ssl_loss(sr * 12 - 1, hr) > 0
