@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metaf2n.data.images import list_images, read_image
+from metaf2n.data.images import list_images, read_image, uint8_to_tensor
 from metaf2n.io import atomic_write_bytes, atomic_write_text
 from metaf2n.metrics import psnr_y, ssim_y
 from metaf2n.visualize import save_png
@@ -74,8 +74,7 @@ def labelled(image: torch.Tensor, label: str) -> torch.Tensor:
 
     band = Image.new("RGB", (image.shape[2], LABEL_HEIGHT), "white")
     ImageDraw.Draw(band).text((2, 1), label.replace(" ", "  "), fill="black")  # the default font's space is thin
-    band_tensor = torch.from_numpy(np.asarray(band).copy()).permute(2, 0, 1).float() / 255
-    return torch.cat([band_tensor, image], dim=1)
+    return torch.cat([uint8_to_tensor(np.asarray(band)), image], dim=1)
 
 
 def evaluate_methods(methods: dict[str, Path], gt_dir: Path, crop_border: int, perceptual,

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
-from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image, uint8_to_tensor
 from metaf2n.faces.detect import DETECTOR_HELP, LandmarkFaceDetector, check_detector_spec, load_detector
 from metaf2n.faces.restorers import NetworkRestorer, load_restorer
 from metaf2n.inference import (
@@ -85,12 +85,7 @@ def read_rgb_photo(path: Path) -> torch.Tensor:
         raise PhotoError(f"{path.name}: cannot be read as an image ({error})") from None
     if min(rgb.shape[:2]) < 4:
         raise PhotoError(f"{path.name}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small to super-resolve")
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
-
-
-def uint8_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255
+    return uint8_to_tensor(rgb)
 
 
 def face_files(folder: Path, stem: str) -> list[Path]:
@@ -241,7 +236,7 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
         threshold = DEFAULT_THRESHOLD if args.det_threshold is None else args.det_threshold
         box_pairs = metaf2n_face_pairs(rgb, detector, restorer, threshold, args.template)
         record["faces_found"] = len(box_pairs)
-        pairs = [FacePair(uint8_tensor(p.lq), uint8_tensor(p.hq)) for p in box_pairs]
+        pairs = [FacePair(uint8_to_tensor(p.lq), uint8_to_tensor(p.hq)) for p in box_pairs]
         if not pairs:
             record["reason"] = "no face detected"
     elif isinstance(detector, LandmarkFaceDetector):

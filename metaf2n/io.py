@@ -17,11 +17,24 @@ from typing import IO
 import torch
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(target: Path) -> str:
+    """The name prefix of ``target``'s temporary files: ``.NAME.`` (they end in ``.tmp``)."""
+    return f".{target.name}."
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is named like a temporary file of :func:`atomic_write` (an interrupted write leaves one)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary binary file beside ``path``, fsync it, rename it to ``path``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, temp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)

@@ -35,7 +35,16 @@ from metaf2n.config import TrainConfig, dump_yaml
 from metaf2n.data import TaskBatch, TaskConfig, TaskSampler
 from metaf2n.degrade import DegradationConfig
 from metaf2n.distributed import DistInfo, average_gradients, average_scalars, gather_tensors
-from metaf2n.io import append_jsonl, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl
+from metaf2n.io import (
+    TEMP_SUFFIX,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_text,
+    is_temp_file,
+    load_torch_file,
+    read_jsonl,
+    temp_prefix,
+)
 from metaf2n.losses import gan_loss, lpips_alex
 from metaf2n.maml import evaluate_adaptation, meta_forward, timed
 from metaf2n.models import MaskNet, RRDBNet, UNetDiscriminatorSN, load_pretrained
@@ -364,7 +373,7 @@ def _fault_hook(step: int, path: Path) -> None:
     SIGKILL this process, as a kill in the middle of a save would."""
     if os.environ.get(FAULT_ENV) == str(step):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.interrupted.tmp", "wb") as file:
+        with open(path.parent / f"{temp_prefix(path)}interrupted{TEMP_SUFFIX}", "wb") as file:
             file.write(b"\0" * 4096)
             file.flush()
             os.fsync(file.fileno())
@@ -482,7 +491,7 @@ def check_out_folder(files: RunFiles, resume, checkpoint: dict | None, force: bo
         raise ValueError(f"--out {os.fspath(root)!r} already holds a run: pass --resume to continue it, or another "
                          "--out")
     if root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in RUN_ENTRIES and not _is_temp(p))
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in RUN_ENTRIES and not is_temp_file(p))
         if foreign and not force:
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ValueError(f"--out {os.fspath(root)!r} holds files that are not a metaf2n run ({listed}): choose an "
@@ -494,14 +503,10 @@ def check_out_folder(files: RunFiles, resume, checkpoint: dict | None, force: bo
                          "another --out, or pass --force")
 
 
-def _is_temp(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
 def remove_orphan_temp_files(files: RunFiles) -> None:
     """Temporary files of atomic writes that a kill interrupted (``.NAME.xxxx.tmp``): nothing else removes them."""
     orphans = [p for folder in (files.root, files.checkpoints) if folder.is_dir() for p in folder.iterdir()
-               if p.is_file() and _is_temp(p)]
+               if p.is_file() and is_temp_file(p)]
     if orphans:
         size = sum(p.stat().st_size for p in orphans)
         for path in orphans:

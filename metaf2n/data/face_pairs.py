@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from metaf2n.data.images import list_images
 from metaf2n.data.restorers import FaceRestorer
-from metaf2n.faces.align import inverse_alignment, template_alignment, warp_face
+from metaf2n.faces.align import alignment_and_inverse, warp_face
 from metaf2n.faces.detect import LandmarkFaceDetector
 
 logger = logging.getLogger(__name__)
@@ -76,15 +75,17 @@ def metaf2n_face_pairs(rgb: np.ndarray, detector: LandmarkFaceDetector, restorer
         x0, y0, x1, y1 = (int(v) for v in face.box[:4])
         x0, y0 = max(x0, 0), max(y0, 0)
         landmarks = face.landmarks.astype(np.int32).astype(np.float64)
-        affine = template_alignment(landmarks, template, FACE_SIZE)
+        affine, inverse = alignment_and_inverse(landmarks, template, FACE_SIZE)
         aligned = warp_face(rgb, affine, FACE_SIZE, template)
         restored = restore_uint8(restorer, aligned)
-        back = inverse_alignment(landmarks, template, FACE_SIZE) * SCALE
+        back = inverse * SCALE
         canvas = cv2.warpAffine(restored, back, (SCALE * width, SCALE * height), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         lq = rgb[y0 : y1 + 1, x0 : x1 + 1]
         hq = canvas[SCALE * y0 : SCALE * y1 + SCALE, SCALE * x0 : SCALE * x1 + SCALE]
         if lq.size == 0:
+            logger.warning("detection %d: its box %s lies outside the %dx%d photo; skipped", index,
+                           (x0, y0, x1, y1), width, height)
             continue
         pairs.append(BoxPair(index, np.ascontiguousarray(lq), np.ascontiguousarray(hq), (x0, y0, x1, y1)))
     return pairs

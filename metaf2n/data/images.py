@@ -32,6 +32,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
+def uint8_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file into (3, H, W) float32 RGB in [0, 1], upright (its EXIF orientation applied); a 16-bit
     grey image is scaled by its real range (65535), not clipped to 8 bits. Raises OSError/ValueError if
@@ -46,7 +51,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
                 raise ValueError(f"{os.fspath(path)}: a {img.mode} image with values above 65535")
             return torch.from_numpy(np.repeat(grey[None], 3, axis=0)).float()
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    return uint8_to_tensor(rgb)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

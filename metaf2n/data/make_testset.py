@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metaf2n.checks import check_folders, join_range_flags, parse_value_range
-from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image
+from metaf2n.data.images import BackgroundFolder, FaceFolder, resize_image, uint8_to_tensor
 from metaf2n.data.restorers import FaceRestorer
 from metaf2n.degrade import REAL_ESRGAN_X4PLUS, DegradationConfig, apply_degradation, sample_degradation
 from metaf2n.faces.align import feather
@@ -82,8 +82,7 @@ def _aligned_faces(detector, lq: torch.Tensor, gt: torch.Tensor, restorer, templ
         if not pairs:
             return None
         x0, y0, x1, y1 = pairs[0].box
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255  # noqa: E731
-        return as_tensor(pairs[0].lq), as_tensor(pairs[0].hq), (y0, x0, max(x1 - x0, y1 - y0) + 1)
+        return uint8_to_tensor(pairs[0].lq), uint8_to_tensor(pairs[0].hq), (y0, x0, max(x1 - x0, y1 - y0) + 1)
     faces = detector.detect_faces(rgb)
     if not faces:
         return None

@@ -109,17 +109,20 @@ def template_alignment(landmarks: np.ndarray, template: str = "gfpgan", size: in
     return alignment(landmarks, points, size, fit)
 
 
-def inverse_alignment(landmarks: np.ndarray, template: str = "gfpgan", size: int = 512) -> np.ndarray:
-    """The affine from the ``template``'s aligned face back to the photo, as its pipeline computes it: facexlib
-    inverts the fitted affine (``cv2.invertAffineTransform``); GPEN fits the template onto the landmarks again with
-    the first fit's scale inverted (float32 points), which agrees with the inverse only to the last bits."""
-    if template == "gpen":
-        points, _ = TEMPLATES[template]
-        source = _check_points(landmarks, "landmarks").astype(np.float32)
-        target = (_check_points(points, "template_512") * (size / 512.0)).astype(np.float32)
-        _, scale = umeyama(source, target)
-        return umeyama(target, source, 1.0 / scale)[0]
-    return cv2.invertAffineTransform(template_alignment(landmarks, template, size))
+def alignment_and_inverse(landmarks: np.ndarray, template: str = "gfpgan",
+                          size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`template_alignment` and the affine from the aligned face back to the photo, as the ``template``'s
+    pipeline computes it: facexlib inverts the fitted affine (``cv2.invertAffineTransform``); GPEN fits the template
+    onto the landmarks again with the first fit's scale inverted (float32 points), which agrees with the inverse only
+    to the last bits."""
+    if template != "gpen":
+        affine = template_alignment(landmarks, template, size)
+        return affine, cv2.invertAffineTransform(affine)
+    points, _ = TEMPLATES[template]
+    source = _check_points(landmarks, "landmarks").astype(np.float32)
+    target = (_check_points(points, "template_512") * (size / 512.0)).astype(np.float32)
+    affine, scale = umeyama(source, target)
+    return affine, umeyama(target, source, 1.0 / scale)[0]
 
 
 def scaled(affine: np.ndarray, factor: float) -> np.ndarray:

@@ -39,6 +39,11 @@ def square_around(
 class FaceDetector(abc.ABC):
     """``detect(rgb)`` on an (H, W, 3) uint8 RGB image -> face boxes ``(x, y, w, h)``, largest first."""
 
+    @staticmethod
+    def check_image(rgb: np.ndarray) -> None:
+        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError("rgb must be an (H, W, 3) uint8 array")
+
     @abc.abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Box]: ...
 
@@ -59,11 +64,6 @@ class Detection:
 
 class LandmarkFaceDetector(FaceDetector):
     """A detector that also finds five landmarks per face (:meth:`detect_faces`); faces can then be aligned."""
-
-    @staticmethod
-    def check_image(rgb: np.ndarray) -> None:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError("rgb must be an (H, W, 3) uint8 array")
 
     @abc.abstractmethod
     def detect_faces(self, rgb: np.ndarray) -> list[Detection]: ...
@@ -92,8 +92,7 @@ class HaarFaceDetector(FaceDetector):
     def detect(self, rgb: np.ndarray) -> list[Box]:
         import cv2
 
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError("rgb must be an (H, W, 3) uint8 array")
+        self.check_image(rgb)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         boxes = self.cascade.detectMultiScale(
             gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
