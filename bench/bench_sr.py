@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS = ("ours", "ours_channels_last", "ncnn")
-LABELS = {"ours": "ours, NCHW (before)", "ours_channels_last": "ours, channels_last", "ncnn": "ncnn runtime"}
+PEERS = ("ours", "ours_channels_last", "ncnn", "ncnn_no_winograd")
+DEFAULT_PEERS = PEERS[:3]
+LABELS = {"ours": "ours, NCHW (before)", "ours_channels_last": "ours, channels_last", "ncnn": "ncnn runtime",
+          "ncnn_no_winograd": "ncnn, Winograd off"}
 
 
 def macs_per_lr_pixel(num_feat: int = 64, grow: int = 32, blocks: int = 23) -> int:
@@ -60,7 +62,7 @@ def worker(peer: str, size: int, repeats: int, out: Path) -> dict:
     """Runs in its own process: one peer, one size."""
     x = photo(size)
     record = {"peer": peer, "size": size}
-    if peer == "ncnn":
+    if peer.startswith("ncnn"):
         import ncnn
 
         folder = Path(tempfile.mkdtemp())
@@ -70,6 +72,7 @@ def worker(peer: str, size: int, repeats: int, out: Path) -> dict:
         net = ncnn.Net()
         for option in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
             setattr(net.opt, option, False)  # fp32 throughout, as ours
+        net.opt.use_winograd_convolution = peer == "ncnn"  # the control: ncnn's 3x3 convolutions without Winograd
         net.opt.num_threads = 2
         net.load_param(str(folder / "m.param"))
         net.load_model(str(folder / "m.bin"))
@@ -96,6 +99,8 @@ def worker(peer: str, size: int, repeats: int, out: Path) -> dict:
         result = result[0].numpy()
         if size == min(SIZES):
             record["adapt_s"] = adaptation_step(model, fmt, repeats)
+        if PROFILE:
+            record["stages"] = stage_times(model, tensor)
     np.save(out / f"{peer}_{size}.npy", result)
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
@@ -114,6 +119,29 @@ def adaptation_step(model, fmt, repeats: int) -> float:
     return timed(lambda: adapt_to_faces(sr_model, [lr], [hq], steps=1), repeats)[0]
 
 
+def stage_times(model, x) -> dict:
+    """Seconds and GFLOP/s of the forward's stages: the 23 RRDBs (+ conv_body) at LR, the x2 stage, the x4 stage
+    (conv_up2) and the x4 tail (conv_hr, conv_last)."""
+    import torch
+    import torch.nn.functional as F
+
+    pixels = x.shape[-2] * x.shape[-1]
+    macs = {"body": 3 * 23 * 239616 + 36864, "x2": 4 * 36864, "x4": 16 * 36864, "tail": 16 * (36864 + 1728)}
+    with torch.no_grad():
+        feat = model.conv_first(x)
+        marks = [time.perf_counter()]
+        feat = feat + model.conv_body(model.body(feat))
+        marks.append(time.perf_counter())
+        feat = model.lrelu(model.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        marks.append(time.perf_counter())
+        feat = model.lrelu(model.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        marks.append(time.perf_counter())
+        model.conv_last(model.lrelu(model.conv_hr(feat)))
+        marks.append(time.perf_counter())
+    seconds = dict(zip(macs, (b - a for a, b in zip(marks, marks[1:]))))
+    return {k: {"s": seconds[k], "gflops": 2 * macs[k] * pixels / seconds[k] / 1e9} for k in macs}
+
+
 def matmul_gflops() -> float:
     import torch
 
@@ -126,17 +154,20 @@ def matmul_gflops() -> float:
 
 
 SIZES: list[int] = []
+PROFILE: list[bool] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--peers", nargs="+", default=list(DEFAULT_PEERS), choices=PEERS)
+    parser.add_argument("--profile", action="store_true", help="also time our forward's stages (where the time goes)")
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--worker", nargs=3, metavar=("PEER", "SIZE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     SIZES[:] = args.sizes
+    PROFILE[:] = [True] if args.profile else []
     if args.worker:
         peer, size, folder = args.worker
         print(json.dumps(worker(peer, int(size), args.repeats, Path(folder))))
@@ -148,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for peer in args.peers:
             command = [sys.executable, __file__, "--worker", peer, str(size), str(scratch), "--repeats",
-                       str(args.repeats), "--sizes", *map(str, args.sizes)]
+                       str(args.repeats), "--sizes", *map(str, args.sizes), *(["--profile"] if args.profile else [])]
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             record = json.loads(result.stdout.strip().splitlines()[-1])
             reference = np.load(scratch / f"ours_{size}.npy") if (scratch / f"ours_{size}.npy").exists() else None
@@ -174,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if adapt:
         lines += ["", "| adaptation step (16 patches 16 -> 64, fwd + bwd + SGD) | seconds |", "|---|---|"]
         lines += [f"| {LABELS[r['peer']]} | {r['adapt_s']:.3f} |" for r in adapt]
+    staged = [r for r in records if "stages" in r]
+    if staged:
+        lines += ["", "| LR size | peer | RRDBs (LR) | x2 stage | x4 stage | x4 tail |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['size']}² | {LABELS[r['peer']]} | " + " | ".join(
+            f"{v['s']:.2f} s ({v['gflops']:.0f} GFLOP/s)" for v in r["stages"].values()) + " |" for r in staged]
     table = "\n".join(lines)
     print(table)
     (out / "bench_sr_cpu.md").write_text(table + "\n")
