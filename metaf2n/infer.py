@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     run.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
-                     help="the SR network's layout: auto is channels_last on the CPU (1.2-1.4x faster for x4plus) "
+                     help="the SR network's layout: auto is channels_last on the CPU (1.1-1.4x faster for x4plus) "
                           "and contiguous (NCHW) elsewhere")
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "

@@ -288,7 +288,7 @@ def adapt_to_faces(
 # --- whole-photo SR ----------------------------------------------------------------------------------------------
 def use_channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 4-D weights in channels_last (NHWC) layout, which oneDNN runs faster on the CPU:
-    Real-ESRGAN x4plus 1.2-1.4x (bench/bench_sr.py); outputs within 1e-5 of NCHW. :func:`tiled_super_resolve` feeds
+    Real-ESRGAN x4plus 1.1-1.4x (bench/bench_sr.py); outputs within 1e-5 of NCHW. :func:`tiled_super_resolve` feeds
     such a model NHWC inputs."""
     return model.to(memory_format=torch.channels_last)
 
