@@ -31,6 +31,7 @@ from metaf2n.data.images import IMAGE_EXTENSIONS, list_images, read_image, uint8
 from metaf2n.faces.detect import DETECTOR_HELP, LandmarkFaceDetector, check_detector_spec, load_detector
 from metaf2n.faces.restorers import NetworkRestorer, load_restorer
 from metaf2n.inference import (
+    ENGINES,
     FacePair,
     adapt_to_faces,
     face_preview,
@@ -140,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     run.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
-                     help="the SR network's layout: auto is channels_last on the CPU (1.1-1.4x faster for x4plus) "
-                          "and contiguous (NCHW) elsewhere")
+                     help="the SR network's layout for adaptation and the torch engine: auto is channels_last on the "
+                          "CPU (1.1-1.4x faster for x4plus) and contiguous (NCHW) elsewhere")
+    run.add_argument("--engine", choices=ENGINES, default="auto",
+                     help="how the photo is super-resolved after adaptation: winograd (our Winograd F(4x4, 3x3) "
+                          "kernels: float32 RRDBNet on the CPU, 2-2.5x faster than torch for x4plus), torch (the "
+                          "network as it is), or auto: winograd where it applies on a CPU with AVX2 or AVX-512")
     run.add_argument("--face-preview", action="store_true",
                      help="also write NAME_faces.png: the bicubic x4 photo with the restored faces pasted back "
                           "(mtcnn and retinaface detectors, --face-recipe aligned)")
@@ -275,7 +280,8 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
         logger.warning("%s: not adapted (%s); using the un-adapted model", path.name, record["reason"])
     bar = None if args.quiet else (lambda cores: tqdm(cores, desc=f"{path.name} tiles", leave=False, unit="tile"))
     tile = 0 if args.official_test else args.tile
-    sr = tiled_super_resolve(model.sr, photo[None].to(device), params, tile, args.tile_overlap, args.precision, bar)
+    sr = tiled_super_resolve(model.sr, photo[None].to(device), params, tile, args.tile_overlap, args.precision, bar,
+                             args.engine)
     output = out_dir / f"{name or path.stem}.png"
     save_png(output, (sr[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     record["output"] = output.name
@@ -298,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if not paths:
         parser.error("no images found in the inputs")
+    if args.engine == "winograd":
+        from metaf2n.winograd import supports
+
+        if device.type != "cpu" or args.precision != "fp32" or not supports(model.sr):
+            parser.error("--engine winograd needs --device cpu, --precision fp32 and an RRDBNet whose num_feat and "
+                         "num_grow_ch are multiples of 16")
     if args.memory_format == "channels_last" or (args.memory_format == "auto" and device.type == "cpu"):
         use_channels_last(model.sr)
     if model.masknet is None:

@@ -286,6 +286,9 @@ def adapt_to_faces(
 
 
 # --- whole-photo SR ----------------------------------------------------------------------------------------------
+ENGINES = ("auto", "winograd", "torch")
+
+
 def use_channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 4-D weights in channels_last (NHWC) layout, which oneDNN runs faster on the CPU:
     Real-ESRGAN x4plus 1.1-1.4x (bench/bench_sr.py); outputs within 1e-5 of NCHW. :func:`tiled_super_resolve` feeds
@@ -311,18 +314,38 @@ def tiled_super_resolve(
     overlap: int = 32,
     precision: str = "fp32",
     progress: Callable | None = None,
+    engine: str = "torch",
 ) -> torch.Tensor:
     """x4 SR of ``lr`` (1, 3, H, W) in tiles: each ``tile`` x ``tile`` core is computed with ``overlap`` LR pixels of
     context on each side and only the core's output is kept. Exact (to float rounding) when ``overlap`` covers the
-    network's receptive field; ``tile <= 0`` runs the photo whole. Returns (1, 3, 4H, 4W) clamped to [0, 1]."""
+    network's receptive field; ``tile <= 0`` runs the photo whole. Returns (1, 3, 4H, 4W) clamped to [0, 1].
+
+    ``engine``: ``"torch"`` runs ``model`` itself; ``"winograd"`` runs an RRDBNet through
+    :class:`metaf2n.winograd.WinogradRRDBNet` (float32 CPU, 2-2.5x faster for x4plus); ``"auto"`` picks Winograd
+    where :func:`metaf2n.winograd.preferred` says so."""
     if lr.dim() != 4 or lr.shape[0] != 1:
         raise ValueError(f"lr must be (1, C, H, W), got {tuple(lr.shape)}")
     if overlap < 0:
         raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "torch":
+        from . import winograd
+
+        if engine == "auto":
+            engine = "winograd" if winograd.preferred(model, lr.device, precision) else "torch"
+        elif lr.device.type != "cpu" or precision != "fp32" or not winograd.supports(model):
+            raise ValueError("engine 'winograd' needs an RRDBNet with channel counts that are multiples of 16, "
+                             f"a CPU tensor and precision fp32 (got {lr.device.type}, {precision})")
+    if engine == "winograd":
+        fast = winograd.WinogradRRDBNet(model, params)
+        model, params = fast, None
 
     weight = next(model.parameters())
     layout = torch.channels_last if weight.dim() == 4 and not weight.is_contiguous() and \
         weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    if engine == "winograd":
+        layout = torch.contiguous_format  # WinogradRRDBNet takes any layout
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=layout)  # the layout of the model's weights (see use_channels_last)
