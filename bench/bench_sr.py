@@ -1,10 +1,11 @@
-"""Real-ESRGAN x4plus on the CPU: our RRDBNet (NCHW and channels_last) against the ncnn runtime on the released
-.param/.bin, side by side on the same inputs, each peer in its own process.
+"""Real-ESRGAN x4plus on the CPU: our RRDBNet (NCHW, channels_last, and Winograd: what ``infer`` runs) against the
+ncnn runtime on the released .param/.bin, side by side on the same inputs, each peer in its own process.
 
     python bench/bench_sr.py [--sizes 64 128 256] [--repeats 3] [--out results/bench]
 
 For each LR size (crops of scikit-image's astronaut): the forward time (median of ``--repeats`` after a warm-up),
-GFLOP/s on x4plus's count (2 x 17.93 M multiply-adds per LR pixel), peak RSS of the process, and the max abs
+GFLOP/s on x4plus's direct-convolution count (2 x 17.93 M multiply-adds per LR pixel; Winograd and ncnn do fewer
+multiplications, so theirs are "equivalent" rates), peak RSS of the process, and the max abs
 difference to our NCHW output. Also the adaptation step (16 face patches 16 -> 64 px: forward, backward, one SGD
 step) for our two layouts, and this machine's fp32 matmul GFLOP/s (4096^2, torch) in the same run. Prints a table and
 writes ``bench_sr_cpu.{md,png,json}``. Needs the cached weights (``python -m metaf2n.weights realesrgan``) and, for
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS = ("ours", "ours_channels_last", "ncnn", "ncnn_no_winograd")
-DEFAULT_PEERS = PEERS[:3]
-LABELS = {"ours": "ours, NCHW (before)", "ours_channels_last": "ours, channels_last", "ncnn": "ncnn runtime",
-          "ncnn_no_winograd": "ncnn, Winograd off"}
+PEERS = ("ours", "ours_channels_last", "ours_winograd", "ncnn", "ncnn_no_winograd")
+DEFAULT_PEERS = PEERS[:4]
+LABELS = {"ours": "ours, NCHW (before)", "ours_channels_last": "ours, channels_last",
+          "ours_winograd": "ours, Winograd (infer)", "ncnn": "ncnn runtime", "ncnn_no_winograd": "ncnn, Winograd off"}
 
 
 def macs_per_lr_pixel(num_feat: int = 64, grow: int = 32, blocks: int = 23) -> int:
@@ -94,10 +95,17 @@ def worker(peer: str, size: int, repeats: int, out: Path) -> dict:
         fmt = torch.channels_last if peer == "ours_channels_last" else torch.contiguous_format
         model = model.to(memory_format=fmt)
         tensor = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous(memory_format=fmt)
+        if peer == "ours_winograd":
+            from metaf2n.winograd import WinogradRRDBNet, default_isa
+
+            start = time.perf_counter()
+            model = WinogradRRDBNet(model)
+            record["transform_s"] = time.perf_counter() - start
+            record["isa"] = default_isa()
         with torch.no_grad():
             record["forward_s"], result = timed(lambda: model(tensor), repeats)
         result = result[0].numpy()
-        if size == min(SIZES):
+        if size == min(SIZES) and peer != "ours_winograd":  # Winograd is inference only
             record["adapt_s"] = adaptation_step(model, fmt, repeats)
         if PROFILE:
             record["stages"] = stage_times(model, tensor)
@@ -127,6 +135,17 @@ def stage_times(model, x) -> dict:
 
     pixels = x.shape[-2] * x.shape[-1]
     macs = {"body": 3 * 23 * 239616 + 36864, "x2": 4 * 36864, "x4": 16 * 36864, "tail": 16 * (36864 + 1728)}
+    from metaf2n.winograd import WinogradRRDBNet
+
+    if isinstance(model, WinogradRRDBNet):
+        marks = [time.perf_counter()]
+        feat = model.features(x)  # includes conv_first (3 -> 64, 0.1% of the work)
+        for stage in ("x2", "x4", "tail"):
+            marks.append(time.perf_counter())
+            feat = model.reconstruct(feat, (stage,))
+        marks.append(time.perf_counter())
+        seconds = dict(zip(macs, (b - a for a, b in zip(marks, marks[1:]))))
+        return {k: {"s": seconds[k], "gflops": 2 * macs[k] * pixels / seconds[k] / 1e9} for k in macs}
     with torch.no_grad():
         feat = model.conv_first(x)
         marks = [time.perf_counter()]
@@ -210,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "| LR size | peer | RRDBs (LR) | x2 stage | x4 stage | x4 tail |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['size']}² | {LABELS[r['peer']]} | " + " | ".join(
             f"{v['s']:.2f} s ({v['gflops']:.0f} GFLOP/s)" for v in r["stages"].values()) + " |" for r in staged]
+    winograd = [r for r in records if r["peer"] == "ours_winograd"]
+    if winograd:
+        lines += ["", f"Winograd kernel: {winograd[0]['isa']}; weight transform (once per model): "
+                  f"{winograd[0]['transform_s']:.2f} s"]
+        for other, name in (("ncnn", "the ncnn runtime (goal: >= 2x)"), ("ours_channels_last", "channels_last")):
+            ratios = [f"{r['size']}²: {o['forward_s'] / r['forward_s']:.2f}x" for r in winograd
+                      for o in records if o["peer"] == other and o["size"] == r["size"]]
+            if ratios:
+                lines.append(f"- Winograd against {name}: " + ", ".join(ratios))
     table = "\n".join(lines)
     print(table)
     (out / "bench_sr_cpu.md").write_text(table + "\n")
@@ -231,7 +259,7 @@ def plot(records, sizes, peak, path: Path) -> None:
             axis.plot([r["size"] for r in mine], [r["gflops"] for r in mine], marker="o", label=LABELS[peer])
     axis.axhline(peak, color="grey", linestyle="--", label="fp32 matmul")
     axis.set_xlabel("LR side (px)")
-    axis.set_ylabel("GFLOP/s (x4plus count)")
+    axis.set_ylabel("GFLOP/s (x4plus direct count)")
     axis.set_xticks(sizes)
     axis.set_title("Real-ESRGAN x4plus forward on the CPU")
     axis.legend()

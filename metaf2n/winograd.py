@@ -134,6 +134,11 @@ class WinogradRRDBNet(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(self.features(x))
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_first, the RRDBs and conv_body with the trunk's skip: (B, C, h, w) -> (B, num_feat, h, w)."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, h, w) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on "
                              f"{x.device}")
@@ -156,17 +161,24 @@ class WinogradRRDBNet(nn.Module):
                     conv3x3(buffer[:, :lo], weights, bias, negative_slope=LEAKY_SLOPE, out=buffer[:, lo:lo + gc],
                             isa=isa)
                 weights, bias = convs[4]
-                last = index == 2
+                last = index == 2  # the dense block's skip, and for the last one the RRDB's skip around it
                 torch.ops.metaf2n.winograd_conv3x3_(
                     buffers[dst][:, :nf], buffer, weights, bias, 1, None, buffer[:, :nf], RESIDUAL_SCALE,
                     x_in if last else None, RESIDUAL_SCALE, isa)
             current = second
-        feat = conv3x3(buffers[current][:, :nf], *self.conv_body, residual=trunk, isa=isa)
-        del buffers
-        feat = conv3x3(feat, *self.conv_up1, upsample=2, negative_slope=LEAKY_SLOPE, isa=isa)
-        feat = conv3x3(feat, *self.conv_up2, upsample=2, negative_slope=LEAKY_SLOPE, isa=isa)
-        feat = conv3x3(feat, *self.conv_hr, negative_slope=LEAKY_SLOPE, isa=isa)
-        return self.conv_last(feat).contiguous()
+        return conv3x3(buffers[current][:, :nf], *self.conv_body, residual=trunk, isa=isa)
+
+    @torch.no_grad()
+    def reconstruct(self, feat: torch.Tensor, stages: tuple[str, ...] = ("x2", "x4", "tail")) -> torch.Tensor:
+        """The two nearest x2 + conv stages, conv_hr and conv_last: (B, num_feat, h, w) -> (B, C, 4h, 4w).
+        ``stages`` limits it to some of "x2", "x4", "tail", in that order (for profiling)."""
+        if "x2" in stages:
+            feat = conv3x3(feat, *self.conv_up1, upsample=2, negative_slope=LEAKY_SLOPE, isa=self.isa)
+        if "x4" in stages:
+            feat = conv3x3(feat, *self.conv_up2, upsample=2, negative_slope=LEAKY_SLOPE, isa=self.isa)
+        if "tail" in stages:
+            feat = self.conv_last(conv3x3(feat, *self.conv_hr, negative_slope=LEAKY_SLOPE, isa=self.isa)).contiguous()
+        return feat
 
 
 def _thin_conv(conv: nn.Conv2d, named: dict[str, torch.Tensor], name: str) -> nn.Conv2d:

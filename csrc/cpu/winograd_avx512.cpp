@@ -3,5 +3,5 @@
 #define WINOGRAD_LANES 16
 #define WINOGRAD_ROWS 12
 #define WINOGRAD_ROWS4 6
-#define WINOGRAD_TILES 24
+#define WINOGRAD_TILES 36
 #include "winograd_kernel.inc"
