@@ -64,7 +64,7 @@ void winograd_conv3x3_(const at::Tensor& output, const at::Tensor& input, const 
                        const std::optional<at::Tensor>& bias, int64_t upsample,
                        std::optional<double> negative_slope, const std::optional<at::Tensor>& residual1,
                        double scale1, const std::optional<at::Tensor>& residual2, double scale2,
-                       std::string_view isa) {
+                       c10::string_view isa) {
   check_nhwc(input, "input");
   check_nhwc(output, "output");
   TORCH_CHECK_VALUE(upsample == 1 || upsample == 2, "upsample must be 1 or 2, got ", upsample);
@@ -116,9 +116,10 @@ void winograd_conv3x3_(const at::Tensor& output, const at::Tensor& input, const 
   args.slope = static_cast<float>(negative_slope.value_or(1.0));
   args.threads = at::get_num_threads();
 
-  std::string chosen = isa == "auto" ? default_isa() : std::string(isa);
+  const std::string requested(isa.data(), isa.size());
+  const std::string chosen = requested == "auto" ? default_isa() : requested;
   TORCH_CHECK_VALUE(chosen == "avx512" || chosen == "avx2" || chosen == "generic",
-                    "isa must be auto, avx512, avx2 or generic, got ", isa);
+                    "isa must be auto, avx512, avx2 or generic, got ", requested);
   TORCH_CHECK_VALUE(cpu_has(chosen.c_str()), "isa ", chosen, " is not supported by this CPU");
   bool ok = chosen == "avx512" ? winograd::avx512::conv3x3(args)
             : chosen == "avx2" ? winograd::avx2::conv3x3(args)
