@@ -39,6 +39,7 @@ from metaf2n.inference import (
     faces_from_landmarks,
     faces_from_photo,
     load_model,
+    resolve_engine,
     sample_face_patches,
     sample_official_patches,
     tiled_super_resolve,
@@ -285,6 +286,7 @@ def process_photo(path: Path, args, model, detector, restorer, device, out_dir: 
     output = out_dir / f"{name or path.stem}.png"
     save_png(output, (sr[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     record["output"] = output.name
+    record["engine"] = args.engine
     record["time_s"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -302,14 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.checkpoint, device, args.ema)
     except ValueError as error:
         parser.error(str(error))
+    try:
+        args.engine = resolve_engine(args.engine, model.sr, device, args.precision)
+    except ValueError:
+        parser.error("--engine winograd needs --device cpu, --precision fp32 and an RRDBNet whose num_feat and "
+                     "num_grow_ch are multiples of 16")
     if not paths:
         parser.error("no images found in the inputs")
-    if args.engine == "winograd":
-        from metaf2n.winograd import supports
-
-        if device.type != "cpu" or args.precision != "fp32" or not supports(model.sr):
-            parser.error("--engine winograd needs --device cpu, --precision fp32 and an RRDBNet whose num_feat and "
-                         "num_grow_ch are multiples of 16")
     if args.memory_format == "channels_last" or (args.memory_format == "auto" and device.type == "cpu"):
         use_channels_last(model.sr)
     if model.masknet is None:

@@ -289,6 +289,23 @@ def adapt_to_faces(
 ENGINES = ("auto", "winograd", "torch")
 
 
+def resolve_engine(engine: str, model: nn.Module, device: torch.device, precision: str) -> str:
+    """The engine :func:`tiled_super_resolve` runs for ``engine`` ("auto", "winograd" or "torch"): "winograd" or
+    "torch". Raises ValueError when "winograd" is asked for where it does not apply."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "torch":
+        return engine
+    from . import winograd
+
+    if engine == "auto":
+        return "winograd" if winograd.preferred(model, device, precision) else "torch"
+    if torch.device(device).type != "cpu" or precision != "fp32" or not winograd.supports(model):
+        raise ValueError("engine 'winograd' needs an RRDBNet with channel counts that are multiples of 16, "
+                         f"the CPU and precision fp32 (got {torch.device(device).type}, {precision})")
+    return engine
+
+
 def use_channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 4-D weights in channels_last (NHWC) layout, which oneDNN runs faster on the CPU:
     Real-ESRGAN x4plus 1.1-1.4x (bench/bench_sr.py); outputs within 1e-5 of NCHW. :func:`tiled_super_resolve` feeds
@@ -327,19 +344,11 @@ def tiled_super_resolve(
         raise ValueError(f"lr must be (1, C, H, W), got {tuple(lr.shape)}")
     if overlap < 0:
         raise ValueError(f"overlap must be >= 0, got {overlap}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine != "torch":
-        from . import winograd
-
-        if engine == "auto":
-            engine = "winograd" if winograd.preferred(model, lr.device, precision) else "torch"
-        elif lr.device.type != "cpu" or precision != "fp32" or not winograd.supports(model):
-            raise ValueError("engine 'winograd' needs an RRDBNet with channel counts that are multiples of 16, "
-                             f"a CPU tensor and precision fp32 (got {lr.device.type}, {precision})")
+    engine = resolve_engine(engine, model, lr.device, precision)
     if engine == "winograd":
-        fast = winograd.WinogradRRDBNet(model, params)
-        model, params = fast, None
+        from .winograd import WinogradRRDBNet
+
+        model, params = WinogradRRDBNet(model, params), None
 
     weight = next(model.parameters())
     layout = torch.channels_last if weight.dim() == 4 and not weight.is_contiguous() and \

@@ -221,6 +221,7 @@ def test_a_plain_rrdbnet_checkpoint_works_without_masknet(tmp_path):
     (["--patches", "0"], "--patches"),
     (["--restorer", "/nonexistent.pt"], "--restorer"),
     (["--restorer-range", "1,0"], "--restorer-range"),
+    (["--engine", "winograd"], "--engine winograd needs"),  # the fixture's network has 8 channels
 ])
 def test_bad_infer_flags_name_the_flag(argv, needle, checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -209,3 +209,30 @@ def test_x4plus_within_1e4_of_the_direct_forward(x4plus):
     for isa in available_isas():
         out = winograd.WinogradRRDBNet(x4plus, isa=isa)(x).clamp(0, 1)
         assert (out - expected).abs().max().item() <= 1e-4, isa
+
+
+def test_infer_engines_write_the_same_photo(tmp_path):
+    """python -m metaf2n.infer with --engine winograd and --engine torch on a plain x4plus-shaped checkpoint (random
+    weights; no faces in the photo, so both super-resolve it un-adapted): the same PNG to one 8-bit level."""
+    import numpy as np
+    from PIL import Image
+
+    from metaf2n import infer as infer_cli
+    from metaf2n.io import read_jsonl
+
+    checkpoint = tmp_path / "net.pth"
+    torch.manual_seed(0)
+    torch.save({"params_ema": RRDBNet().state_dict()}, checkpoint)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = (photo("astronaut", 300, 300, 24)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "crop.png")
+    outputs = {}
+    for engine in ("winograd", "torch"):
+        out = tmp_path / engine
+        assert infer_cli.main([str(folder), "-o", str(out), "--checkpoint", str(checkpoint), "--engine", engine,
+                               "--detector", "haar", "--tile", "16", "--tile-overlap", "4", "--quiet"]) == 0
+        outputs[engine] = np.asarray(Image.open(out / "crop.png")).astype(int)
+        assert [r["engine"] for r in read_jsonl(out / "summary.jsonl")] == [engine]
+    assert outputs["winograd"].shape == (96, 96, 3)
+    assert np.abs(outputs["winograd"] - outputs["torch"]).max() <= 1
