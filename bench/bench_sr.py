@@ -144,19 +144,18 @@ def stage_times(model, x) -> dict:
             marks.append(time.perf_counter())
             feat = model.reconstruct(feat, (stage,))
         marks.append(time.perf_counter())
-        seconds = dict(zip(macs, (b - a for a, b in zip(marks, marks[1:]))))
-        return {k: {"s": seconds[k], "gflops": 2 * macs[k] * pixels / seconds[k] / 1e9} for k in macs}
-    with torch.no_grad():
-        feat = model.conv_first(x)
-        marks = [time.perf_counter()]
-        feat = feat + model.conv_body(model.body(feat))
-        marks.append(time.perf_counter())
-        feat = model.lrelu(model.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        marks.append(time.perf_counter())
-        feat = model.lrelu(model.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        marks.append(time.perf_counter())
-        model.conv_last(model.lrelu(model.conv_hr(feat)))
-        marks.append(time.perf_counter())
+    else:
+        with torch.no_grad():
+            feat = model.conv_first(x)
+            marks = [time.perf_counter()]
+            feat = feat + model.conv_body(model.body(feat))
+            marks.append(time.perf_counter())
+            feat = model.lrelu(model.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+            marks.append(time.perf_counter())
+            feat = model.lrelu(model.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+            marks.append(time.perf_counter())
+            model.conv_last(model.lrelu(model.conv_hr(feat)))
+            marks.append(time.perf_counter())
     seconds = dict(zip(macs, (b - a for a, b in zip(marks, marks[1:]))))
     return {k: {"s": seconds[k], "gflops": 2 * macs[k] * pixels / seconds[k] / 1e9} for k in macs}
 

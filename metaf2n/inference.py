@@ -353,8 +353,6 @@ def tiled_super_resolve(
     weight = next(model.parameters())
     layout = torch.channels_last if weight.dim() == 4 and not weight.is_contiguous() and \
         weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    if engine == "winograd":
-        layout = torch.contiguous_format  # WinogradRRDBNet takes any layout
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=layout)  # the layout of the model's weights (see use_channels_last)

@@ -55,10 +55,13 @@ def conv3x3(
     negative_slope: float | None = None,
     residual: torch.Tensor | None = None,
     residual_scale: float = 1.0,
+    residual2: torch.Tensor | None = None,
+    residual2_scale: float = 1.0,
     out: torch.Tensor | None = None,
     isa: str = "auto",
 ) -> torch.Tensor:
-    """``residual + residual_scale * act(conv3x3(up(x)) + bias)`` for channels_last float32 CPU tensors.
+    """``residual + residual_scale * act(conv3x3(up(x)) + bias)`` for channels_last float32 CPU tensors, and then, with
+    ``residual2``, ``residual2 + residual2_scale * that``.
 
     ``weights`` come from :func:`transform_weight`; ``up`` is nearest upsampling by ``upsample`` (1 or 2); ``act`` is
     LeakyReLU(``negative_slope``), none when it is None. Writes into ``out`` when given (it may be a channel slice of a
@@ -69,7 +72,7 @@ def conv3x3(
         out = torch.empty(n, weights.shape[2], h * upsample, w * upsample, dtype=torch.float32,
                           memory_format=torch.channels_last)
     torch.ops.metaf2n.winograd_conv3x3_(out, x, weights, bias, upsample, negative_slope, residual, residual_scale,
-                                        None, 1.0, isa)
+                                        residual2, residual2_scale, isa)
     return out
 
 
@@ -160,11 +163,10 @@ class WinogradRRDBNet(nn.Module):
                     lo = nf + k * gc
                     conv3x3(buffer[:, :lo], weights, bias, negative_slope=LEAKY_SLOPE, out=buffer[:, lo:lo + gc],
                             isa=isa)
-                weights, bias = convs[4]
                 last = index == 2  # the dense block's skip, and for the last one the RRDB's skip around it
-                torch.ops.metaf2n.winograd_conv3x3_(
-                    buffers[dst][:, :nf], buffer, weights, bias, 1, None, buffer[:, :nf], RESIDUAL_SCALE,
-                    x_in if last else None, RESIDUAL_SCALE, isa)
+                conv3x3(buffer, *convs[4], residual=buffer[:, :nf], residual_scale=RESIDUAL_SCALE,
+                        residual2=x_in if last else None, residual2_scale=RESIDUAL_SCALE, out=buffers[dst][:, :nf],
+                        isa=isa)
             current = second
         return conv3x3(buffers[current][:, :nf], *self.conv_body, residual=trunk, isa=isa)
 

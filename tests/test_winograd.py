@@ -20,7 +20,7 @@ CL = torch.channels_last
 def available_isas() -> list[str]:
     order = ("generic", "avx2", "avx512")
     best = winograd.default_isa()
-    return [isa for isa in order[: order.index(best) + 1]]
+    return list(order[: order.index(best) + 1])
 
 
 def nhwc(*shape: int, seed: int = 0) -> torch.Tensor:
